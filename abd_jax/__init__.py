@@ -1,0 +1,1 @@
+"""abd-jax: Anti-Backdoor data-free knowledge distillation in JAX/Flax."""
