@@ -1,0 +1,65 @@
+"""The host-side driver shared by data-free KD methods: jitted steps, periodic evaluation,
+a progress bar with the current Acc/ASR, and a NaN guard that stops with a clear message."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from abd_jax.progress import progress_bar
+
+PyTree = Any
+
+
+def run_steps(
+    step_fn: Callable[[PyTree, PyTree], tuple[PyTree, dict]],
+    state: PyTree,
+    const: PyTree,
+    *,
+    num_steps: int,
+    evaluate: Callable[[PyTree], dict[str, float]] | None = None,
+    eval_every: int = 0,
+    desc: str = "distill",
+    start_step: int = 0,
+    on_eval: Callable[[int, PyTree, dict[str, float]], None] | None = None,
+) -> tuple[PyTree, list[dict[str, float]]]:
+    """Runs `state = step_fn(state, const)` for steps start_step..num_steps-1.
+
+    Args:
+      step_fn: a pure step (jitted here once, with the state donated).
+      const: what the step reads but never changes (the teacher's variables): passed as an
+        argument rather than closed over so XLA does not embed it as a constant.
+      evaluate: returns {"acc", "asr", ...} for a state; run every `eval_every` steps and at the end.
+      on_eval: called after each evaluation (checkpointing, plotting).
+
+    Returns:
+      (final state, history of evaluations, each with "step" and the training losses).
+    """
+    jitted = jax.jit(step_fn, donate_argnums=(0,))
+    # Donation needs every leaf in its own buffer; states built from one key can alias leaves.
+    state = jax.tree.map(jnp.copy, state)
+    history: list[dict[str, float]] = []
+    with progress_bar(total=num_steps, desc=desc) as bar:
+        bar.update(start_step)
+        for i in range(start_step, num_steps):
+            state, metrics = jitted(state, const)
+            bar.update(1)
+            last = i + 1 == num_steps
+            if evaluate is not None and ((eval_every and (i + 1) % eval_every == 0) or last):
+                losses = {k: float(v) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+                bad = [k for k, v in losses.items() if not np.isfinite(v)]
+                if bad:
+                    raise FloatingPointError(
+                        f"{desc}: {', '.join(bad)} became NaN/Inf at step {i + 1}; lower the "
+                        "learning rates or the loss weights (saved checkpoints are left intact)"
+                    )
+                record = {"step": i + 1, **losses, **evaluate(state)}
+                history.append(record)
+                bar.set_postfix({k: f"{record[k]:.1f}" for k in ("acc", "asr") if k in record})
+                if on_eval is not None:
+                    on_eval(i + 1, state, record)
+    return state, history
