@@ -106,6 +106,7 @@ def fit(
     select_key: str | None = "acc",
     desc: str = "teacher",
     on_epoch_end: Callable[[int, TrainState, dict[str, float]], None] | None = None,
+    const: Any = None,
 ) -> tuple[TrainState, TrainState, list[dict[str, float]]]:
     """Runs `epochs` of jitted steps over host arrays with a progress bar.
 
@@ -115,6 +116,8 @@ def fit(
         epochs and after the last one.
       select_key: keep the state with the best value of this metric (spec 8 uses the best clean
         test accuracy); None keeps the last state.
+      const: if given, the step is called as `step_fn(state, const, x, y)`; for what the step
+        reads but never changes (a teacher's variables), passed rather than closed over.
 
     Returns:
       (last state, selected state, history of per-evaluation metrics).
@@ -129,7 +132,8 @@ def fit(
         for epoch in range(epochs):
             losses = []
             for idx in epoch_batches(rng, len(x_train), batch_size):
-                state, m = jitted(state, jnp.asarray(x_train[idx]), jnp.asarray(y_train[idx]))
+                xb, yb = jnp.asarray(x_train[idx]), jnp.asarray(y_train[idx])
+                state, m = jitted(state, xb, yb) if const is None else jitted(state, const, xb, yb)
                 losses.append(m["loss"])
                 bar.update(1)
             loss = float(np.mean(jax.device_get(losses)))

@@ -63,3 +63,49 @@ def make_clean_kd_step(
         return apply_gradients(state, tx, grads, stats), {"loss": loss, "kl": kl, "ce": ce}
 
     return step
+
+
+def distill_clean(
+    teacher: nn.Module,
+    teacher_vars: PyTree,
+    dataset,
+    eval_sets,
+    *,
+    student: str = "wrn16_1",
+    fraction: float = 0.2,
+    epochs: int = 170,
+    batch_size: int = 128,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    temperature: float = 6.0,
+    alpha: float = 0.95,
+    flip: bool = True,
+    seed: int = 0,
+    eval_every: int = 10,
+    subset_seed: int = 230,
+):
+    """Distils `teacher` into a fresh `student` on a clean fraction of the training set (spec 6.4).
+
+    Returns a `TrainedModel` holding the *last* epoch's student (the baseline has no model
+    selection on test data) and its Acc/ASR history.
+    """
+    from abd_jax.models import get_model, init_model
+    from abd_jax.optim import make_optimizer
+    from abd_jax.pipeline import TrainedModel, evaluator
+    from abd_jax.state import create_train_state
+    from abd_jax.teacher import fit
+
+    x, y = clean_subset(dataset.x_train, dataset.y_train, fraction, seed=subset_seed)
+    batch_size = min(batch_size, len(x))
+    model = get_model(student, num_classes=dataset.num_classes)
+    k_init, k_run = jax.random.split(jax.random.key(seed))
+    tx = make_optimizer("sgd", lr, momentum=momentum, weight_decay=weight_decay)
+    state = create_train_state(init_model(model, k_init, dataset.image_shape), tx, k_run)
+    step = make_clean_kd_step(teacher, model, tx, dataset.mean, dataset.std,
+                              temperature=temperature, alpha=alpha, flip=flip)
+    ev = evaluator(model, dataset.mean, dataset.std, eval_sets)
+    last, _, history = fit(step, state, x, y, epochs=epochs, batch_size=batch_size, seed=seed,
+                           evaluate=lambda s: ev(s.variables), eval_every=eval_every,
+                           select_key=None, desc="clean-kd", const=teacher_vars)
+    return TrainedModel(model, last.variables, history[-1] if history else {}, history)

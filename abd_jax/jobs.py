@@ -1,0 +1,195 @@
+"""Config-driven jobs: the one place where ml_collections configs become keyword arguments.
+
+Each job writes into its work directory: `results.json`, `summary.md`, PNG plots and its model
+checkpoints (the safe Orbax format of `abd_jax.checkpoint`). Jobs never overwrite a finished
+teacher: a teacher directory whose fingerprint matches the config is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from abd_jax.checkpoint import CheckpointError, load_teacher, read_teacher_meta, save_teacher
+from abd_jax.data import load_dataset
+from abd_jax.kd.clean import distill_clean
+from abd_jax.kd.zskt_train import ZSKTConfig, distill_zskt
+from abd_jax.pipeline import EvalSets, evaluator, make_eval_sets, poison, train_classifier
+from abd_jax.report import markdown_table, plot_curves, save_image_grid, write_json, write_text
+from abd_jax.attacks import make_trigger
+
+PCT = ("acc", "asr", "clean_target_rate")
+
+
+def load_data(cfg) -> Any:
+    return load_dataset(cfg.data.name, image_size=cfg.data.image_size, data_dir=cfg.data.data_dir or None)
+
+
+def teacher_fingerprint(cfg) -> str:
+    """A hash of everything that determines the teacher, so a stale teacher is never reused."""
+    blob = json.dumps(
+        {"data": cfg.data.to_dict(), "attack": cfg.attack.to_dict(),
+         "teacher": {k: v for k, v in cfg.teacher.to_dict().items() if k != "dir"}, "seed": cfg.seed},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _curves(history: list[dict], x_key: str) -> dict[str, list[tuple[float, float]]]:
+    return {
+        name: [(h[x_key], h[k]) for h in history if k in h]
+        for name, k in (("Acc", "acc"), ("ASR", "asr"), ("clean target rate", "clean_target_rate"))
+    }
+
+
+def _pct(m: dict) -> dict[str, float]:
+    return {k: round(float(m[k]), 2) for k in PCT if k in m}
+
+
+def run_teacher(cfg, workdir: str | Path) -> dict[str, Any]:
+    """Trains (or reuses) the poisoned teacher into WORKDIR/teacher; returns its metrics."""
+    workdir = Path(workdir)
+    tdir = workdir / "teacher"
+    dataset = load_data(cfg)
+    fp = teacher_fingerprint(cfg)
+    try:
+        meta = read_teacher_meta(tdir)
+        if meta.get("fingerprint") == fp:
+            print(f"reusing the teacher in {tdir} (same config)")
+            return meta
+    except CheckpointError:
+        pass
+    clean_model = None
+    if cfg.attack.trigger == "cl":  # CL perturbs target images against a clean model (spec 7)
+        clean_model = train_classifier(
+            dataset.x_train, dataset.y_train, model_name=cfg.teacher.model, num_classes=dataset.num_classes,
+            mean=dataset.mean, std=dataset.std, eval_sets=None, epochs=cfg.teacher.epochs,
+            batch_size=cfg.teacher.batch_size, optimizer=cfg.teacher.optimizer, lr=cfg.teacher.lr,
+            weight_decay=cfg.teacher.weight_decay, flip=cfg.data.flip, seed=cfg.seed + 1, desc="clean model",
+        )
+    t0 = time.time()
+    _, poisoned, eval_sets = poison(
+        dataset, trigger_name=cfg.attack.trigger, target=cfg.attack.target, ratio=cfg.attack.ratio,
+        holdout=cfg.attack.holdout, trigger_seed=cfg.attack.trigger_seed,
+        pattern_file=cfg.attack.pattern_file or None, clean_model=clean_model, seed=cfg.seed,
+    )
+    trained = train_classifier(
+        poisoned.x_train, poisoned.y_train, model_name=cfg.teacher.model, num_classes=dataset.num_classes,
+        mean=dataset.mean, std=dataset.std, eval_sets=eval_sets, epochs=cfg.teacher.epochs,
+        batch_size=cfg.teacher.batch_size, optimizer=cfg.teacher.optimizer, lr=cfg.teacher.lr,
+        weight_decay=cfg.teacher.weight_decay, flip=cfg.data.flip, seed=cfg.seed,
+        eval_every=cfg.teacher.eval_every,
+    )
+    wall = time.time() - t0
+    meta = {
+        "model": cfg.teacher.model, "num_classes": dataset.num_classes,
+        "image_shape": list(dataset.image_shape), "dataset": dataset.name, "trigger": cfg.attack.trigger,
+        "target": cfg.attack.target, "num_poisoned": poisoned.num_poisoned, "fingerprint": fp,
+        **_pct(trained.metrics), "train_wall_s": round(wall, 1), "seed": cfg.seed,
+    }
+    save_teacher(tdir, trained.variables, meta)
+    write_json(tdir / "history.json", trained.history)
+    plot_curves(tdir / "curves.png", _curves(trained.history, "epoch"), xlabel="epoch",
+                title=f"teacher {cfg.teacher.model}, {cfg.attack.trigger}")
+    return meta
+
+
+def teacher_and_eval(cfg, workdir: Path):
+    """The teacher (trained or reused) with the dataset and the evaluation sets it is judged on."""
+    if cfg.teacher.dir:
+        tdir = Path(cfg.teacher.dir)
+    else:
+        run_teacher(cfg, workdir)
+        tdir = workdir / "teacher"
+    dataset = load_data(cfg)
+    teacher, tvars, meta = load_teacher(tdir, expected_num_classes=dataset.num_classes,
+                                        expected_image_shape=dataset.image_shape)
+    trigger = make_trigger(cfg.attack.trigger, dataset.image_shape[0], dataset.image_shape[2],
+                           seed=cfg.attack.trigger_seed, pattern_file=cfg.attack.pattern_file or None)
+    eval_sets = make_eval_sets(dataset, trigger, cfg.attack.target)
+    return dataset, eval_sets, teacher, tvars, meta
+
+
+def zskt_config_from(c) -> ZSKTConfig:
+    return ZSKTConfig(**c.to_dict())
+
+
+def run_zskt(cfg, workdir: str | Path, *, name: str = "zskt", dataset=None, eval_sets: EvalSets | None = None,
+             teacher=None, tvars=None) -> dict[str, Any]:
+    """ZSKT distillation of the teacher into WORKDIR/NAME; returns {"acc", "asr", ...}."""
+    workdir = Path(workdir)
+    if teacher is None:
+        dataset, eval_sets, teacher, tvars, _ = teacher_and_eval(cfg, workdir)
+    out = workdir / name
+    res = distill_zskt(teacher, tvars, dataset, eval_sets, zskt_config_from(cfg.zskt), seed=cfg.seed, desc=name)
+    final = _pct(res.history[-1])
+    save_teacher(out / "student", res.state.student.variables,
+                 {"model": cfg.zskt.student, "num_classes": dataset.num_classes,
+                  "image_shape": list(dataset.image_shape), **final})
+    write_json(out / "history.json", res.history)
+    plot_curves(out / "curves.png", _curves(res.history, "step"), xlabel="pseudo-batch",
+                title=f"{name}: student {cfg.zskt.student}")
+    save_image_grid(out / "samples.png", res.samples)
+    return {**final, "s_per_pseudo_batch": round(res.seconds_per_step, 3)}
+
+
+def run_clean_kd(cfg, workdir: str | Path, *, dataset=None, eval_sets=None, teacher=None, tvars=None) -> dict[str, Any]:
+    """Clean-data KD baseline into WORKDIR/clean_kd; returns {"acc", "asr", ...}."""
+    workdir = Path(workdir)
+    if teacher is None:
+        dataset, eval_sets, teacher, tvars, _ = teacher_and_eval(cfg, workdir)
+    c = cfg.clean_kd
+    res = distill_clean(teacher, tvars, dataset, eval_sets, student=c.student, fraction=c.fraction,
+                        epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
+                        temperature=c.temperature, alpha=c.alpha, flip=cfg.data.flip, seed=cfg.seed,
+                        eval_every=c.eval_every)
+    out = workdir / "clean_kd"
+    final = _pct(res.metrics)
+    save_teacher(out / "student", res.variables,
+                 {"model": c.student, "num_classes": dataset.num_classes,
+                  "image_shape": list(dataset.image_shape), **final})
+    write_json(out / "history.json", res.history)
+    plot_curves(out / "curves.png", _curves(res.history, "epoch"), xlabel="epoch", title="clean KD")
+    return final
+
+
+def results_table(teacher: dict, rows: dict[str, dict]) -> str:
+    header = ["model", "Acc %", "ASR %", "clean target rate %"]
+    body = [["Teacher", teacher.get("acc"), teacher.get("asr"), teacher.get("clean_target_rate")]]
+    body += [[name, r.get("acc"), r.get("asr"), r.get("clean_target_rate")] for name, r in rows.items()]
+    return markdown_table(header, body)
+
+
+def write_results(workdir: Path, cfg, teacher: dict, rows: dict[str, dict], wall_s: float, title: str) -> str:
+    """results.json + summary.md; returns the markdown table."""
+    table = results_table(teacher, rows)
+    write_json(workdir / "results.json", {
+        "teacher": _pct(teacher), "rows": rows, "seed": cfg.seed, "wall_s": round(wall_s, 1),
+        "device": jax.devices()[0].device_kind, "config": cfg.to_dict(),
+    })
+    write_text(workdir / "summary.md", f"# {title}\n\n{table}\nseed {cfg.seed}, {wall_s:.0f} s on "
+               f"{jax.devices()[0].device_kind}. Config in results.json.\n")
+    return table
+
+
+def run_job(cfg, workdir: str | Path) -> dict[str, Any]:
+    """Dispatches on `cfg.job`: "teacher", "zskt" or "clean_kd"."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    if cfg.job == "teacher":
+        meta = run_teacher(cfg, workdir)
+        write_results(workdir, cfg, meta, {}, time.time() - t0, "Poisoned teacher")
+        return meta
+    jobs = {"zskt": run_zskt, "clean_kd": run_clean_kd}
+    if cfg.job not in jobs:
+        raise ValueError(f"unknown job {cfg.job!r}; known jobs: teacher, {', '.join(jobs)}")
+    dataset, eval_sets, teacher, tvars, meta = teacher_and_eval(cfg, workdir)
+    row = jobs[cfg.job](cfg, workdir, dataset=dataset, eval_sets=eval_sets, teacher=teacher, tvars=tvars)
+    write_results(workdir, cfg, meta, {cfg.job: row}, time.time() - t0, f"{cfg.job} distillation")
+    return row

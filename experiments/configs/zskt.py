@@ -1,0 +1,22 @@
+"""python -m abd_jax.cli --config experiments/configs/zskt.py --workdir runs/zskt
+
+Data-free ZSKT distillation (spec 6.1) of the poisoned teacher (trained first into
+WORKDIR/teacher, or reused from `--config.teacher.dir`) into a WRN-16-1 student on the embedded
+digits, 300 pseudo-batches. `:smoke` runs 2 pseudo-batches with tiny models for tests.
+"""
+
+from experiments.configs.common import base_config, is_smoke, zskt_config
+
+
+def get_config(arg: str | None = None):
+    smoke = is_smoke(arg)
+    c = base_config("zskt", smoke)
+    c.zskt = zskt_config(pseudo_batches=2 if smoke else 300)
+    if smoke:
+        c.data.image_size = 8
+        c.teacher.model = "wrn16_1"
+        c.teacher.epochs = 1
+        c.zskt.batch_size = 16
+        c.zskt.n_student_steps = 2
+        c.zskt.generator_width = 16
+    return c
