@@ -128,6 +128,7 @@ def fit(
     history: list[dict[str, float]] = []
     best, best_val = state, -np.inf
     n_batches = len(x_train) // batch_size
+    shown: dict[str, float] = {}
     with progress_bar(total=epochs * n_batches, desc=desc) as bar:
         for epoch in range(epochs):
             losses = []
@@ -148,7 +149,8 @@ def fit(
                 if select_key is not None and record[select_key] > best_val:
                     best, best_val = jax.tree.map(jnp.copy, state), record[select_key]
                 history.append(record)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k != "epoch"})
+            shown.update({k: v for k, v in record.items() if k != "epoch"})  # keep the last Acc/ASR
+            bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, state, record)
     if select_key is None:
