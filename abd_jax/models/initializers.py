@@ -46,3 +46,23 @@ def batch_norm(train: bool, name: str, **kwargs) -> nn.BatchNorm:
         name=name,
         **kwargs,
     )
+
+
+_PAD3 = ((1, 1), (1, 1))
+
+
+def conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
+    """A bias-free conv with PyTorch's padding (1 for 3x3) and kaiming-normal fan_out init.
+
+    PyTorch pads 3x3 convs by 1 on every side. flax's "SAME" pads (0, 1) for stride 2 on even
+    inputs, which shifts the sampling grid by one pixel and would break converted checkpoints.
+    """
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=stride,
+        padding=_PAD3 if kernel == 3 else "VALID",
+        use_bias=False,
+        kernel_init=kaiming_normal_fan_out,
+        name=name,
+    )

@@ -17,24 +17,11 @@ import jax.numpy as jnp
 
 from abd_jax.models.initializers import (
     batch_norm,
-    kaiming_normal_fan_out,
+    conv,
     torch_default_bias,
     torch_default_kernel,
 )
 
-_PAD3 = ((1, 1), (1, 1))  # PyTorch padding=1 (see wrn.py for why not "SAME")
-
-
-def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=stride,
-        padding=_PAD3 if kernel == 3 else "VALID",
-        use_bias=False,
-        kernel_init=kaiming_normal_fan_out,
-        name=name,
-    )
 
 
 class BasicBlock(nn.Module):
@@ -45,11 +32,11 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        out = nn.relu(batch_norm(train, "bn1")(_conv(self.channels, 3, self.stride, "conv1")(x)))
-        out = batch_norm(train, "bn2")(_conv(self.channels, 3, 1, "conv2")(out))
+        out = nn.relu(batch_norm(train, "bn1")(conv(self.channels, 3, self.stride, "conv1")(x)))
+        out = batch_norm(train, "bn2")(conv(self.channels, 3, 1, "conv2")(out))
         if x.shape[-1] != self.channels or self.stride != 1:
             # After conv2 so the flattened param order is conv1, conv2, conv_shortcut.
-            x = _conv(self.channels, 1, self.stride, "conv_shortcut")(x)
+            x = conv(self.channels, 1, self.stride, "conv_shortcut")(x)
             x = batch_norm(train, "bn_shortcut")(x)
         return nn.relu(out + x)
 
@@ -82,7 +69,7 @@ class ResNet(nn.Module):
     def __call__(
         self, x: jax.Array, train: bool = False
     ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-        out = nn.relu(batch_norm(train, "bn1")(_conv(64, 3, 1, "conv1")(x)))
+        out = nn.relu(batch_norm(train, "bn1")(conv(64, 3, 1, "conv1")(x)))
         features = []
         for i, num_blocks in enumerate(self.stage_sizes):
             stride = 1 if i == 0 else 2

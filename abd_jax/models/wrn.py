@@ -12,23 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from abd_jax.models.initializers import batch_norm, kaiming_normal_fan_out, torch_default_kernel
-
-# PyTorch pads 3x3 convs by 1 on every side. flax's "SAME" pads (0, 1) for stride 2 on even inputs,
-# which shifts the sampling grid by one pixel and would break converted checkpoints.
-_PAD3 = ((1, 1), (1, 1))
-
-
-def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=stride,
-        padding=_PAD3 if kernel == 3 else "VALID",
-        use_bias=False,
-        kernel_init=kaiming_normal_fan_out,
-        name=name,
-    )
+from abd_jax.models.initializers import batch_norm, conv, torch_default_kernel
 
 
 class WRNBlock(nn.Module):
@@ -45,13 +29,13 @@ class WRNBlock(nn.Module):
         # every WRN depth/width.
         needs_projection = in_channels != self.out_channels or self.stride != 1
         act = nn.relu(batch_norm(train, "bn1")(x))
-        out = _conv(self.out_channels, 3, self.stride, "conv1")(act)
+        out = conv(self.out_channels, 3, self.stride, "conv1")(act)
         out = nn.relu(batch_norm(train, "bn2")(out))
-        out = _conv(self.out_channels, 3, 1, "conv2")(out)
+        out = conv(self.out_channels, 3, 1, "conv2")(out)
         if needs_projection:
             # Projected from the *activated* input, as in the reference. Created after conv2 so
             # the param order is conv1, conv2, conv_shortcut, like the PyTorch state_dict.
-            shortcut = _conv(self.out_channels, 1, self.stride, "conv_shortcut")(act)
+            shortcut = conv(self.out_channels, 1, self.stride, "conv_shortcut")(act)
         else:
             shortcut = x
         return shortcut + out
@@ -92,7 +76,7 @@ class WideResNet(nn.Module):
             raise ValueError(f"WRN depth must be 6n + 4, got {self.depth}")
         n = (self.depth - 4) // 6
         k = self.widen_factor
-        out = _conv(16, 3, 1, "conv1")(x)
+        out = conv(16, 3, 1, "conv1")(x)
         features = []
         for i, (width, stride) in enumerate(((16 * k, 1), (32 * k, 2), (64 * k, 2)), start=1):
             out = WRNStage(n, width, stride, name=f"block{i}")(out, train)
