@@ -1,0 +1,64 @@
+"""Time one ZSKT pseudo-batch with the student steps unrolled vs `lax.scan` (with unroll=k).
+
+    python -m benchmarks.zskt_fuse [--size 16] [--batch 128] [--repeats 5] [--json]
+
+WRN-16-2 teacher (random weights: speed does not depend on them) -> WRN-16-1 student, embedded
+digits geometry, 1 generator + 10 student steps. Prints compile time and median/min/max of the
+steady-state pseudo-batch time per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import jax
+
+from abd_jax.data.embedded import load_digits
+from abd_jax.kd.zskt_train import ZSKTConfig, build_zskt
+from abd_jax.models import get_model, init_model
+
+VARIANTS = {"unroll": dict(fuse="unroll"), "scan": dict(fuse="scan", scan_unroll=1),
+            "scan_unroll2": dict(fuse="scan", scan_unroll=2), "scan_unroll5": dict(fuse="scan", scan_unroll=5)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    ds = load_digits(args.size)
+    teacher = get_model("wrn16_2", 10)
+    tvars = init_model(teacher, jax.random.key(0), ds.image_shape)
+    for name in args.variants:
+        cfg = dataclasses.replace(ZSKTConfig(pseudo_batches=1000, batch_size=args.batch), **VARIANTS[name])
+        _, _, state, step = build_zskt(teacher, ds, cfg, seed=0)
+        jitted = jax.jit(step)
+        t0 = time.perf_counter()
+        compiled = jitted.lower(state, tvars).compile()
+        compile_s = time.perf_counter() - t0
+        state, m = compiled(state, tvars)
+        jax.block_until_ready(m)
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            state, m = compiled(state, tvars)
+            jax.block_until_ready((state, m))
+            times.append(1000 * (time.perf_counter() - t0))
+        row = {"case": f"zskt_pseudo_batch_{name}", "size": args.size, "batch": args.batch,
+               "compile_s": round(compile_s, 2), "median_ms": round(statistics.median(times), 1),
+               "min_ms": round(min(times), 1), "max_ms": round(max(times), 1),
+               "device": jax.devices()[0].device_kind}
+        print(json.dumps(row) if args.json else
+              f"{name:14s} compile {compile_s:6.1f} s   median {row['median_ms']:8.1f} ms  "
+              f"(min {row['min_ms']:.1f}, max {row['max_ms']:.1f}) on {row['device']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
