@@ -3,7 +3,7 @@
     python -m experiments.zskt_sweep --out sweep.json "n=300" "n=1000,seed=1" "n=1000,size=32"
 
 Each positional argument is one run: comma-separated overrides of the defaults below. The teacher
-for each (size, trigger) is trained once (WRN-16-2, 30 epochs, BadNets-grid unless overridden) and
+for each (size, trigger, teacher) is trained once (WRN-16-2 unless `teacher=`, 30 epochs, BadNets-grid unless overridden) and
 reused. Prints one JSON line per run (final and peak Acc/ASR, time per pseudo-batch) and appends it
 to --out. This is the script behind the findings in docs/ZSKT.md.
 """
@@ -21,7 +21,7 @@ from abd_jax.kd.zskt_train import ZSKTConfig, distill_zskt
 from abd_jax.pipeline import poison, train_classifier
 
 ALIASES = {"n": "pseudo_batches", "nst": "n_student_steps", "lrs": "lr_student", "lrg": "lr_generator", "tau": "temperature"}
-DEFAULTS = dict(size=16, trigger="badnets_grid", seed=0, teacher_epochs=30)
+DEFAULTS = dict(size=16, trigger="badnets_grid", seed=0, teacher_epochs=30, teacher="wrn16_2")
 
 
 def parse(spec: str) -> dict:
@@ -41,12 +41,12 @@ def main() -> None:
     teachers: dict = {}
     for spec in args.runs:
         o = {**DEFAULTS, **parse(spec)}
-        tkey = (o["size"], o["trigger"])
+        tkey = (o["size"], o["trigger"], o["teacher"])
         if tkey not in teachers:
             ds = load_digits(o["size"])
             _, p, ev = poison(ds, trigger_name=o["trigger"], target=0)
             t0 = time.time()
-            r = train_classifier(p.x_train, p.y_train, model_name="wrn16_2", num_classes=10,
+            r = train_classifier(p.x_train, p.y_train, model_name=o["teacher"], num_classes=10,
                                  mean=ds.mean, std=ds.std, eval_sets=ev, epochs=o["teacher_epochs"],
                                  eval_every=10, flip=False, desc="teacher")
             teachers[tkey] = (ds, ev, r)

@@ -1,0 +1,46 @@
+"""ABD's defenses as composable pieces (DESIGN.md, "ABD as composable pieces").
+
+Shuffling Vaccine (spec 3): `abd_jax.abd.shuffle_vaccine`.
+"""
+
+from abd_jax.abd.shuffle_vaccine import (
+    ShuffleVaccine,
+    ensemble_logits,
+    init_shuffle_vaccine,
+    make_divergence_fn,
+    make_generator_penalty,
+    make_sample_weights,
+    make_shuffled_ensemble,
+    ood_sample_weights,
+    pool_divergences,
+    reshuffle_ensemble,
+    shuffle_conv_inputs,
+    shuffled_kernel_paths,
+    suspicion,
+    suspicion_report,
+    sv_penalty,
+    tail_ratio,
+    tail_statistics,
+    verify_vaccine,
+)
+
+__all__ = [
+    "ShuffleVaccine",
+    "ensemble_logits",
+    "init_shuffle_vaccine",
+    "make_divergence_fn",
+    "make_generator_penalty",
+    "make_sample_weights",
+    "make_shuffled_ensemble",
+    "ood_sample_weights",
+    "pool_divergences",
+    "reshuffle_ensemble",
+    "shuffle_conv_inputs",
+    "shuffled_kernel_paths",
+    "suspicion",
+    "suspicion_report",
+    "sv_penalty",
+    "tail_ratio",
+    "tail_statistics",
+    "verify_vaccine",
+]

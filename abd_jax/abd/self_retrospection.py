@@ -1,0 +1,463 @@
+"""Self-Retrospection (SR), spec 4: the student unlearns its reaction to a synthesized trigger.
+
+Per student step (spec 4.1):
+  1. `synthesize_trigger`: a universal perturbation delta [1, H, W, C], from zero, R Adam steps
+     maximizing KL_tau(M(x) || M(x + delta)) - l2 ||delta||^2 (M: the teacher in the released
+     sweeps, or the student).
+  2-4. `sr_grads`: the implicit hypergradient (abd_jax.hypergrad) of the outer loss
+     L_out = KL_tau(S(x) || S(x')), x' = x with delta added to floor(portion * B) random samples,
+     through the inner fixed point delta = Phi(delta) = delta - inner_lr * grad_delta L_in,
+     L_in = -KL_tau(S(x) || S(x + delta)) + l2 ||delta||^2.
+  5. `self_retrospection`: an optax transform, chained before the student optimizer, that adds
+     the SR gradient to the KD gradient, unweighted (coef = 1), in the manner of
+     `optax.contrib.sam`:
+
+        tx = optax.chain(self_retrospection(), optax.adam(lr))
+        updates, opt_state = tx.update(kd_grads, opt_state, params, sr_grad_fn=fn)   # or sr_grads=g
+
+  With `sr_grad_fn` the SR work (trigger synthesis included) sits under a `lax.cond` on the
+  state's `coef`, so a run can carry SR switched off (coef = 0: exactly the plain optimizer's
+  update, no SR compute) and switch it on near the end (spec 4.2) without recompiling.
+
+BatchNorm (decided here, see docs/ABD_SR.md): every student forward inside SR runs in train mode,
+normalizing with the batch statistics of its own input batch (S(x), S(x + delta), S(x') each
+their own), with gradients through those statistics, as the reference's train-mode student.
+`sr_grads` itself never touches the running statistics (it is a pure gradient function). The
+reference's train-mode forwards also move them: 4 extra updates per SR step, in the order x, x',
+x, x + delta. `sr_running_stats` replays exactly those 4 updates for callers that want the
+reference's behaviour (our default for reproduction runs); a caller that skips it keeps
+perturbed-batch statistics out of the running averages that evaluation uses, and only its own
+KD forward on the clean batch updates them.
+
+Tensor layout: images NHWC, normalized, as the rest of abd_jax; delta broadcasts over the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from abd_jax.hypergrad import fixed_point_hypergrad
+from abd_jax.losses import kl_elementwise
+from abd_jax.optim import make_optimizer
+
+PyTree = Any
+Metrics = dict[str, jax.Array]
+# (x [B, ...]) -> logits [B, C] (or a tuple whose first entry is the logits)
+LogitsFn = Callable[[jax.Array], Any]
+# (variables {"params": ..., "batch_stats": ...}, x) -> logits (or (logits, ...)), train-mode BN,
+# no running-statistics update; see `train_mode_apply`.
+StudentApply = Callable[[PyTree, jax.Array], Any]
+
+
+def _logits(out: Any) -> jax.Array:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def kl_divergence(
+    target_logits: jax.Array,
+    logits: jax.Array,
+    temperature: float = 1.0,
+    *,
+    reduction: str = "mean",
+    kl_scale: float = 1.0,
+) -> jax.Array:
+    """kl_scale * KL_tau(target || logits), reduced as the reference code bases do (spec 12.4).
+
+    reduction "mean": over B*C (PyTorch reduction='mean', ZSKT); "batchmean": sum over C, mean over
+    B (CMI uses it with kl_scale = T^2 = 400, OOD's SR with T^2 = 64).
+    """
+    el = kl_elementwise(target_logits, logits, temperature)
+    if reduction == "mean":
+        value = jnp.mean(el)
+    elif reduction == "batchmean":
+        value = jnp.sum(el) / el.shape[0]
+    else:
+        raise ValueError(f"reduction must be 'mean' or 'batchmean', got {reduction!r}")
+    return kl_scale * value
+
+
+def train_mode_apply(model: nn.Module) -> StudentApply:
+    """`student_apply` for a flax classifier: train-mode BN (batch statistics), running stats untouched.
+
+    The batch-statistics update flax returns is discarded here; `sr_running_stats` applies the
+    reference's updates separately when wanted (module docstring).
+    """
+
+    def apply(variables: PyTree, x: jax.Array) -> jax.Array:
+        out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        return _logits(out)
+
+    return apply
+
+
+def synthesize_trigger(
+    logits_fn: LogitsFn,
+    x: jax.Array,
+    *,
+    rounds: int = 10,
+    lr: float = 0.1,
+    l2: float = 1e-3,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    kl_scale: float = 1.0,
+) -> jax.Array:
+    """A universal perturbation delta [1, *x.shape[1:]] that moves M = `logits_fn` the most (spec 4.1.1).
+
+    Starts at zero and takes `rounds` optax.adam(lr) steps on
+    -KL_tau(M(x) || M(x + delta)) + l2 * ||delta||_2^2, the clean side stopped. No projection or
+    clipping (spec 12.2). Deterministic: no randomness is involved.
+
+    Args:
+      logits_fn: x -> logits; the teacher in eval mode (released sweeps) or the student
+        (`functools.partial(train_mode_apply(model), variables)`; the ZSKT CLI default).
+      x: [B, ...] normalized inputs (not differentiated).
+      rounds: R, the number of Adam steps (static; sweeps: 10 or 20).
+      lr: Adam learning rate (spec: pert_lr 0.1).
+      l2: weight of ||delta||^2 (ZSKT: 1e-3; CMI/OOD synthesis: 0).
+      temperature, reduction, kl_scale: the KL as in `kl_divergence`.
+
+    Returns:
+      delta, [1, *x.shape[1:]], gradient-stopped.
+    """
+    x = jax.lax.stop_gradient(x)
+    clean = jax.lax.stop_gradient(_logits(logits_fn(x)))  # same every round: compute once
+    opt = optax.adam(lr)
+
+    def objective(delta):
+        kl = kl_divergence(
+            clean,
+            _logits(logits_fn(x + delta)),
+            temperature,
+            reduction=reduction,
+            kl_scale=kl_scale,
+        )
+        return -kl + l2 * jnp.sum(jnp.square(delta))
+
+    def body(_, carry):
+        delta, opt_state = carry
+        updates, opt_state = opt.update(jax.grad(objective)(delta), opt_state, delta)
+        return optax.apply_updates(delta, updates), opt_state
+
+    delta = jnp.zeros((1, *x.shape[1:]), x.dtype)
+    delta, _ = jax.lax.fori_loop(0, rounds, body, (delta, opt.init(delta)))
+    return jax.lax.stop_gradient(delta)
+
+
+def outer_mask(key: jax.Array, batch_size: int, portion: float) -> jax.Array:
+    """[B] float mask with exactly max(1, int(portion * B)) ones at random positions (spec 4.1.3).
+
+    The reference draws int(portion * B) samples, which is 0 for B < 50 at portion 0.02 (SR would
+    then do nothing); we keep at least one.
+    """
+    n = min(batch_size, max(1, int(batch_size * portion)))
+    idx = jax.random.permutation(key, batch_size)[:n]
+    return jnp.zeros((batch_size,), jnp.float32).at[idx].set(1.0)
+
+
+def perturb_subset(key: jax.Array, x: jax.Array, delta: jax.Array, portion: float) -> jax.Array:
+    """x' = x with delta added to the `outer_mask(key, B, portion)` samples only; static shapes."""
+    mask = outer_mask(key, x.shape[0], portion).astype(x.dtype)
+    return x + mask.reshape((x.shape[0],) + (1,) * (x.ndim - 1)) * delta
+
+
+def sr_grads(
+    student_apply: StudentApply,
+    student_variables: PyTree,
+    x: jax.Array,
+    delta: jax.Array,
+    key: jax.Array,
+    *,
+    portion: float = 0.02,
+    fp_iterations: int = 5,
+    inner_lr: float = 0.1,
+    l2: float = 1e-3,
+    temperature: float = 1.0,
+    detach_clean: bool = True,
+    reduction: str = "mean",
+    kl_scale: float = 1.0,
+    tol: float | None = None,
+) -> tuple[PyTree, Metrics]:
+    """The SR hypergradient w.r.t. the student's params (spec 4.1 steps 2-4); not jitted.
+
+    Inner:  L_in(d, p) = -KL(S_p(x) || S_p(x + d)) + l2 ||d||^2, S_p(x) stopped;
+            Phi(d, p) = d - inner_lr * grad_d L_in(d, p), with `delta` taken as its fixed point.
+    Outer:  L_out(d, p) = KL(S_p(x) || S_p(x')), x' = x + mask * d with `outer_mask(key, B,
+            portion)`; S_p(x) stopped when `detach_clean` (ZSKT) or not (CMI/OOD).
+    The gradient is the fixed-point hypergradient with K = `fp_iterations` (abd_jax.hypergrad).
+
+    Args:
+      student_apply: (variables, x) -> logits, train-mode BN without running-stat updates
+        (`train_mode_apply(model)`), or any function for a model without BN.
+      student_variables: {"params": ..., other collections}; only "params" is differentiated.
+      x: [B, ...] normalized inputs; delta: [1, ...] from `synthesize_trigger`; key: PRNG key
+        for the perturbed subset.
+      portion, fp_iterations, inner_lr, l2, temperature: spec defaults 0.02, 5, 0.1, 1e-3, tau.
+      reduction, kl_scale: the KL scaling of the code base (`kl_divergence`).
+      tol: early stop of the fixed-point iteration (`fixed_point_hypergrad`).
+
+    Returns:
+      (grads shaped like student_variables["params"], metrics: sr_outer_loss, sr_delta_norm,
+      sr_v_norm, sr_v_step).
+    """
+    params = student_variables["params"]
+    x = jax.lax.stop_gradient(x)
+    delta = jax.lax.stop_gradient(delta)
+
+    def logits(p, inputs):
+        return _logits(student_apply({**student_variables, "params": p}, inputs))
+
+    def kl(target, out):
+        return kl_divergence(target, out, temperature, reduction=reduction, kl_scale=kl_scale)
+
+    def inner_loss(d, p):
+        clean = jax.lax.stop_gradient(logits(p, x))
+        return -kl(clean, logits(p, x + d)) + l2 * jnp.sum(jnp.square(d))
+
+    def fixed_point_map(d, p):
+        return d - inner_lr * jax.grad(inner_loss)(d, p)
+
+    def outer_loss(d, p):
+        clean = logits(p, x)
+        if detach_clean:
+            clean = jax.lax.stop_gradient(clean)
+        return kl(clean, logits(p, perturb_subset(key, x, d, portion)))
+
+    grads, info = fixed_point_hypergrad(
+        outer_loss,
+        fixed_point_map,
+        delta,
+        params,
+        iterations=fp_iterations,
+        tol=tol,
+        return_info=True,
+    )
+    metrics = {
+        "sr_outer_loss": info["outer_loss"],
+        "sr_delta_norm": jnp.sqrt(jnp.sum(jnp.square(delta))),
+        "sr_v_norm": info["v_norm"],
+        "sr_v_step": info["v_step"],
+    }
+    return grads, metrics
+
+
+def sr_running_stats(
+    model: nn.Module,
+    student_variables: PyTree,
+    x: jax.Array,
+    delta: jax.Array,
+    key: jax.Array,
+    *,
+    portion: float = 0.02,
+) -> PyTree:
+    """The BN running statistics after the reference's 4 SR forwards, in its order (spec 4.1).
+
+    The reference's hypertorch call runs the train-mode student on x and x' (outer loss), then on
+    x and x + delta (the fixed-point map's inner loss); each forward moves the running averages.
+    This replays them (forward only, same `key` and so the same x' as `sr_grads`) and returns the
+    new `batch_stats`. Call it with the same variables as `sr_grads`, before the KD forward, and
+    feed the result to the KD forward. Not replayed: the reference's 2 logging forwards after
+    the optimizer step, and the 2R forwards of a student-synthesized trigger.
+    """
+    x = jax.lax.stop_gradient(x)
+    delta = jax.lax.stop_gradient(delta)
+    variables = jax.lax.stop_gradient(student_variables)
+    stats = variables.get("batch_stats", {})
+    for inputs in (x, perturb_subset(key, x, delta, portion), x, x + delta):
+        _, upd = model.apply(
+            {**variables, "batch_stats": stats}, inputs, train=True, mutable=["batch_stats"]
+        )
+        stats = upd.get("batch_stats", stats)
+    return stats
+
+
+def retrospect(
+    student_apply: StudentApply,
+    student_variables: PyTree,
+    x: jax.Array,
+    key: jax.Array,
+    *,
+    trigger_logits_fn: LogitsFn | str,
+    rounds: int = 10,
+    pert_lr: float = 0.1,
+    trigger_l2: float = 1e-3,
+    portion: float = 0.02,
+    fp_iterations: int = 5,
+    inner_lr: float = 0.1,
+    l2: float = 1e-3,
+    temperature: float = 1.0,
+    detach_clean: bool = True,
+    reduction: str = "mean",
+    kl_scale: float = 1.0,
+) -> tuple[PyTree, Metrics]:
+    """Steps 1-4 of spec 4.1 in one call: `synthesize_trigger` then `sr_grads`.
+
+    `trigger_logits_fn` is the model M that synthesizes delta, required: the teacher's x -> logits
+    (eval mode), as the released sweeps and CMI/OOD do, or "student" for the student itself
+    (train-mode BN; the ZSKT CLI default and the poster's story) (spec 12.1).
+    `trigger_l2` is the synthesis penalty (ZSKT 1e-3, CMI/OOD 0); `l2` the inner-problem one.
+    Use it as the body of `sr_grad_fn` for the `self_retrospection` transform.
+    """
+    if isinstance(trigger_logits_fn, str):
+        if trigger_logits_fn != "student":
+            raise ValueError(
+                f"trigger_logits_fn: a callable or 'student', got {trigger_logits_fn!r}"
+            )
+        frozen = jax.lax.stop_gradient(student_variables)
+
+        def trigger_logits_fn(inputs):
+            return student_apply(frozen, inputs)
+
+    delta = synthesize_trigger(
+        trigger_logits_fn,
+        x,
+        rounds=rounds,
+        lr=pert_lr,
+        l2=trigger_l2,
+        temperature=temperature,
+        reduction=reduction,
+        kl_scale=kl_scale,
+    )
+    return sr_grads(
+        student_apply,
+        student_variables,
+        x,
+        delta,
+        key,
+        portion=portion,
+        fp_iterations=fp_iterations,
+        inner_lr=inner_lr,
+        l2=l2,
+        temperature=temperature,
+        detach_clean=detach_clean,
+        reduction=reduction,
+        kl_scale=kl_scale,
+    )
+
+
+class SelfRetrospectionState(NamedTuple):
+    """State of `self_retrospection`: the SR gradient's weight, an array leaf (0 = SR off)."""
+
+    coef: jax.Array
+
+
+def self_retrospection(coef: float = 1.0) -> optax.GradientTransformationExtraArgs:
+    """Adds the SR hypergradient to the incoming (KD) gradient: g <- g_KD + coef * g_SR (spec 4.1.5).
+
+    Place it first in a chain, before the student optimizer, so the optimizer sees the sum, as the
+    reference's accumulated `.grad` (no clipping in the reference's SR branch):
+    `optax.chain(self_retrospection(), optax.adam(lr))`.
+
+    `update(updates, state, params=None, *, sr_grads=None, sr_grad_fn=None)`:
+      sr_grads: a precomputed SR gradient (pytree like `updates`); or
+      sr_grad_fn: params -> SR gradient, evaluated under `lax.cond(coef != 0)`, so no SR work is
+        done while SR is off (both branches run under vmap, where cond becomes select).
+      Neither: the updates pass through unchanged (a vanilla caller needs no change).
+    With coef == 0 the output is exactly the incoming updates.
+
+    Args:
+      coef: initial weight (reference: 1, unweighted). Change it in a live state with `set_sr_coef`.
+    """
+
+    def init_fn(params):
+        del params
+        return SelfRetrospectionState(coef=jnp.asarray(coef, jnp.float32))
+
+    def update_fn(updates, state, params=None, *, sr_grads=None, sr_grad_fn=None, **extra_args):
+        del extra_args
+        if sr_grads is not None and sr_grad_fn is not None:
+            raise ValueError("pass either sr_grads or sr_grad_fn, not both")
+        on = state.coef != 0
+        if sr_grad_fn is not None:
+            if params is None:
+                raise ValueError("self_retrospection needs params when sr_grad_fn is given")
+            sr_grads = jax.lax.cond(
+                on, sr_grad_fn, lambda _: jax.tree.map(jnp.zeros_like, updates), params
+            )
+        if sr_grads is None:
+            return updates, state
+        new = jax.tree.map(
+            lambda u, g: jnp.where(on, u + state.coef.astype(u.dtype) * g.astype(u.dtype), u),
+            updates,
+            sr_grads,
+        )
+        return new, state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def set_sr_coef(opt_state: PyTree, coef: float | jax.Array) -> PyTree:
+    """Returns `opt_state` with every SelfRetrospectionState's coef set to `coef` (jittable)."""
+
+    def visit(node):
+        if isinstance(node, SelfRetrospectionState):
+            return SelfRetrospectionState(coef=jnp.asarray(coef, jnp.float32))
+        return node
+
+    return jax.tree.map(visit, opt_state, is_leaf=lambda n: isinstance(n, SelfRetrospectionState))
+
+
+# ---- schedule (spec 4.2) -------------------------------------------------------------------------
+
+
+def sr_start_step(total_steps: int, start_fraction: float) -> int:
+    """First step on which SR runs: total_steps - round(start_fraction * total_steps).
+
+    The reference resumes ZSKT-CIFAR10 from pb79399 or pb79599 of 80,000 pseudo-batches, i.e.
+    start_fraction = 601/80000 or 401/80000 (spec 4.2); CMI/OOD: the last 1 or 2 epochs.
+    """
+    if not 0.0 <= start_fraction <= 1.0:
+        raise ValueError(f"start_fraction must be in [0, 1], got {start_fraction}")
+    return int(total_steps) - round(start_fraction * total_steps)
+
+
+def sr_active(step: int | jax.Array, total_steps: int, start_fraction: float) -> bool | jax.Array:
+    """Whether SR is on at `step` (counted in the caller's unit: pseudo-batches, epochs, steps).
+
+    Works on Python ints and traced arrays; `set_sr_coef(opt_state, sr_active(...))` switches the
+    transform on in a single continuous run.
+    """
+    start = sr_start_step(total_steps, start_fraction)
+    if isinstance(step, int):
+        return step >= start
+    return jnp.asarray(step) >= start
+
+
+def resume_lr_schedule(
+    resume_lr: float, remaining_steps: int, *, updates_per_step: int = 1
+) -> optax.Schedule:
+    """The student's learning rate after the SR resume (spec 4.2): cosine from `resume_lr` to 0.
+
+    CosineAnnealingLR(T_max = remaining_steps) on a fresh optimizer, counted from the resume; the
+    schedule unit is the caller's step (ZSKT: pseudo-batches, so `updates_per_step` = the student
+    updates per pseudo-batch, 10). Sweeps: resume_lr 1e-4 or 5e-4 (ZSKT), 5e-4 (CMI, OOD).
+    """
+    cosine = optax.cosine_decay_schedule(resume_lr, decay_steps=max(int(remaining_steps), 1))
+    return lambda count: cosine(count // updates_per_step)
+
+
+def sr_resume_optimizer(
+    resume_lr: float,
+    remaining_steps: int,
+    *,
+    updates_per_step: int = 1,
+    coef: float = 1.0,
+    optimizer: str = "adam",
+    **optimizer_kwargs: Any,
+) -> optax.GradientTransformationExtraArgs:
+    """The reference's student optimizer for the SR phase: SR transform, then a fresh optimizer.
+
+    `optax.chain(self_retrospection(coef), make_optimizer(optimizer, resume_lr_schedule(...)))`,
+    without gradient clipping (the reference's SR branch does not clip). Initialize its state
+    fresh at the resume step (the reference builds a new Adam): moments and count start at 0.
+    CMI resumes SGD instead: optimizer="sgd" with its momentum / weight_decay kwargs.
+    """
+    schedule = resume_lr_schedule(resume_lr, remaining_steps, updates_per_step=updates_per_step)
+    return optax.chain(
+        self_retrospection(coef), make_optimizer(optimizer, schedule, **optimizer_kwargs)
+    )
