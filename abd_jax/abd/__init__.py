@@ -1,7 +1,22 @@
 """ABD's defenses as composable pieces (DESIGN.md, "ABD as composable pieces").
 
 Shuffling Vaccine (spec 3): `abd_jax.abd.shuffle_vaccine`.
+Self-Retrospection (spec 4): `abd_jax.abd.self_retrospection` (its implicit hypergradient is
+`abd_jax.hypergrad`).
 """
+
+from abd_jax.abd.self_retrospection import (
+    SelfRetrospectionState,
+    retrospect,
+    self_retrospection,
+    set_sr_coef,
+    sr_active,
+    sr_grads,
+    sr_resume_optimizer,
+    sr_running_stats,
+    sr_start_step,
+    synthesize_trigger,
+)
 
 from abd_jax.abd.shuffle_vaccine import (
     ShuffleVaccine,
@@ -25,6 +40,16 @@ from abd_jax.abd.shuffle_vaccine import (
 )
 
 __all__ = [
+    "SelfRetrospectionState",
+    "retrospect",
+    "self_retrospection",
+    "set_sr_coef",
+    "sr_active",
+    "sr_grads",
+    "sr_resume_optimizer",
+    "sr_running_stats",
+    "sr_start_step",
+    "synthesize_trigger",
     "ShuffleVaccine",
     "ensemble_logits",
     "init_shuffle_vaccine",

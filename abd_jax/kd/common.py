@@ -19,17 +19,40 @@ from abd_jax.losses import attention_transfer, kl_elementwise
 from abd_jax.state import TrainState
 
 Metrics = dict[str, jax.Array]
-# (teacher_logits [B,C], x [B,H,W,C] normalized, key) -> (scalar added to the generator loss, metrics)
-GeneratorPenalty = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Metrics]]
-# (teacher_logits [B,C], x) -> [B] signed per-sample weights for the KD loss (OOD-KD)
-SampleWeights = Callable[[jax.Array, jax.Array], jax.Array]
+# (teacher_logits [B,C], x [B,H,W,C] normalized, key[, hook_state]) -> (scalar added to the
+# generator loss, metrics)
+GeneratorPenalty = Callable[..., tuple[jax.Array, Metrics]]
+# (teacher_logits [B,C], x[, hook_state]) -> [B] signed per-sample weights for the KD loss (OOD-KD)
+SampleWeights = Callable[..., jax.Array]
+# (student_variables, teacher_variables, x, key) -> gradient pytree like the student's params
+# (Self-Retrospection; the teacher's variables are passed because the trigger model is the teacher
+# by default, spec 4.1, and a hook must not close over arrays that jit would embed as constants)
+StudentExtraGrads = Callable[[Any, Any, jax.Array, jax.Array], Any]
 
 
 class DFKDHooks(NamedTuple):
-    """The only extension points a data-free KD method calls. All default to "absent"."""
+    """The only extension points a data-free KD method calls. All default to "absent".
+
+    generator_penalty: added to the generator / inversion loss (Shuffling Vaccine, spec 3.3).
+    sample_weights: per-sample weights of the KD loss (Shuffling Vaccine in OOD-KD, spec 3.3).
+    student_sr: an extra gradient for each student step (Self-Retrospection, spec 4.1); the method
+      hands it to the student optimizer as `sr_grad_fn`, which an `abd.self_retrospection`
+      transform adds to the KD gradient and any other transform ignores.
+
+    A hook whose behaviour depends on state that changes during a run (the vaccine's shuffled
+    copies and coefficient) receives it as a trailing `hook_state` argument: the method carries
+    that state in its own state pytree, so it flows through jit (no retrace when it changes) and
+    into checkpoints.
+    """
 
     generator_penalty: GeneratorPenalty | None = None
     sample_weights: SampleWeights | None = None
+    student_sr: StudentExtraGrads | None = None
+
+
+def with_hook_state(hook_state: Any) -> tuple[Any, ...]:
+    """The trailing hook arguments: none when the method carries no hook state."""
+    return () if hook_state is None else (hook_state,)
 
 
 def forward(model: nn.Module, state: TrainState, x: jax.Array, *, train: bool, key: jax.Array | None = None):
@@ -68,9 +91,18 @@ def kd_loss(
     return loss, {"kl": jnp.mean(kl), "at": jnp.mean(at)}
 
 
-def apply_gradients(state: TrainState, tx: optax.GradientTransformation, grads: Any, batch_stats: Any) -> TrainState:
-    """One optimizer update; the step counter and BN statistics move with it."""
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+def apply_gradients(
+    state: TrainState, tx: optax.GradientTransformation, grads: Any, batch_stats: Any, **extra_args: Any
+) -> TrainState:
+    """One optimizer update; the step counter and BN statistics move with it.
+
+    `extra_args` (e.g. `sr_grad_fn`) go to transformations that take extra arguments
+    (`optax.GradientTransformationExtraArgs`); `optax.chain` hides them from those that do not.
+    """
+    if extra_args:
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra_args)
+    else:
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
     return state.replace(
         params=optax.apply_updates(state.params, updates),
         opt_state=opt_state,

@@ -21,7 +21,7 @@ import optax
 from flax import linen as nn
 from flax import struct
 
-from abd_jax.kd.common import DFKDHooks, Metrics, apply_gradients, forward, kd_loss
+from abd_jax.kd.common import DFKDHooks, Metrics, apply_gradients, forward, kd_loss, with_hook_state
 from abd_jax.losses import kl_elementwise
 from abd_jax.state import TrainState
 
@@ -35,6 +35,7 @@ class ZSKTState(struct.PyTreeNode):
     generator: TrainState
     step: jax.Array  # pseudo-batch index
     key: jax.Array
+    hook_state: Any = None  # e.g. the Shuffling Vaccine's state; None for vanilla ZSKT
 
 
 def make_pseudo_batch(
@@ -84,7 +85,7 @@ def make_pseudo_batch(
             loss = -jnp.mean(kl_elementwise(t_logits, s_logits, temperature))
             metrics: Metrics = {}
             if hooks.generator_penalty is not None:
-                penalty, metrics = hooks.generator_penalty(t_logits, x, key)
+                penalty, metrics = hooks.generator_penalty(t_logits, x, key, *with_hook_state(state.hook_state))
                 loss = loss + penalty
             return loss, (g_stats, s_stats, metrics)
 
@@ -103,18 +104,25 @@ def make_pseudo_batch(
         t_logits, t_feats = teacher_out(teacher_vars, x)
         return x, t_logits, t_feats
 
-    def student_step(s_state: TrainState, x: jax.Array, t_logits: jax.Array, t_feats):
+    def student_step(s_state: TrainState, x: jax.Array, t_logits: jax.Array, t_feats, key: jax.Array,
+                     teacher_vars: PyTree):
         def loss_fn(params):
             (s_logits, s_feats), stats = forward(student, s_state.replace(params=params), x, train=True)
             loss, parts = kd_loss(t_logits, t_feats, s_logits, s_feats, temperature=temperature, beta=beta)
             return loss, (stats, parts)
 
         (loss, (stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(s_state.params)
-        return apply_gradients(s_state, student_tx, grads, stats), {"loss_s": loss, **parts}
+        extra = {}
+        if hooks.student_sr is not None:  # Self-Retrospection: an extra gradient, spec 4.1
+            k_sr = jax.random.fold_in(key, s_state.step)
+            bs = s_state.batch_stats
+            extra["sr_grad_fn"] = lambda p: hooks.student_sr({"params": p, "batch_stats": bs}, teacher_vars, x, k_sr)
+        return apply_gradients(s_state, student_tx, grads, stats, **extra), {"loss_s": loss, **parts}
 
     def pseudo_batch(state: ZSKTState, teacher_vars: PyTree) -> tuple[ZSKTState, Metrics]:
         key = jax.random.fold_in(state.key, state.step)
         k_z, k_pen = jax.random.split(key)
+        k_sr = jax.random.fold_in(key, 1)  # separate stream, so vanilla runs keep their z and keys
         z = jax.random.normal(k_z, (batch_size, z_dim), jnp.float32)
         metrics: Metrics = {}
         for _ in range(n_generator_steps):
@@ -127,10 +135,10 @@ def make_pseudo_batch(
             for _ in range(n_student_steps):
                 if recompute:
                     x, t_logits, t_feats = images_and_targets(state, teacher_vars, z)
-                s_state, s_metrics = student_step(s_state, x, t_logits, t_feats)
+                s_state, s_metrics = student_step(s_state, x, t_logits, t_feats, k_sr, teacher_vars)
         else:
             def body(carry: TrainState, _):
-                return student_step(carry, x, t_logits, t_feats)
+                return student_step(carry, x, t_logits, t_feats, k_sr, teacher_vars)
 
             s_state, stacked = jax.lax.scan(body, s_state, None, length=n_student_steps, unroll=scan_unroll)
             s_metrics = jax.tree.map(lambda v: v[-1], stacked)

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from abd_jax.abd.self_retrospection import retrospect, sr_resume_optimizer, train_mode_apply
+from abd_jax.abd.shuffle_vaccine import init_shuffle_vaccine, make_generator_penalty
 from abd_jax.augment import denormalize
 from abd_jax.data.base import Dataset
 from abd_jax.kd.common import DFKDHooks
@@ -49,6 +51,22 @@ class ZSKTConfig:
     fuse: str = "unroll"
     scan_unroll: int = 1
     eval_every: int = 0  # 0: ten evaluations per run
+    # ABD, Shuffling Vaccine (spec 3): penalty in the generator step.
+    sv: bool = False
+    sv_coef: float = 0.1
+    sv_copies: int = 3
+    sv_layers: int = 5
+    # ABD, Self-Retrospection (spec 4): over the last `sr_pseudo_batches`, resumed with a fresh
+    # Adam at `sr_resume_lr` (cosine over the remaining pseudo-batches, no clipping), spec 4.2.
+    sr_pseudo_batches: int = 0
+    sr_coef: float = 1.0
+    sr_resume_lr: float = 5e-4
+    sr_rounds: int = 10
+    sr_pert_lr: float = 0.1
+    sr_l2: float = 1e-3
+    sr_portion: float = 0.02
+    sr_fp_iterations: int = 5
+    sr_trigger_model: str = "teacher"  # the released sweeps; "student" is the poster's story
 
 
 @dataclasses.dataclass
@@ -65,8 +83,43 @@ def per_pseudo_batch(schedule: optax.Schedule, updates_per_pb: int) -> optax.Sch
     return lambda count: schedule(count // updates_per_pb)
 
 
-def build_zskt(teacher, dataset: Dataset, cfg: ZSKTConfig, seed: int, hooks: DFKDHooks = DFKDHooks()):
-    """Returns (student module, generator module, initial ZSKTState, pseudo_batch fn)."""
+def sv_hooks(teacher, teacher_vars: PyTree, cfg: ZSKTConfig, key: jax.Array):
+    """(generator_penalty hook, initial vaccine state), or (None, None) without SV."""
+    if not cfg.sv:
+        return None, None
+    state = init_shuffle_vaccine(key, teacher_vars, coef=cfg.sv_coef, n_copies=cfg.sv_copies,
+                                 n_layers=cfg.sv_layers)
+    return make_generator_penalty(teacher), state
+
+
+def sr_hook(teacher, student, cfg: ZSKTConfig):
+    """The Self-Retrospection gradient `(student_vars, teacher_vars, x, key) -> grads` (spec 4.1)."""
+    student_apply = train_mode_apply(student)
+
+    def student_sr(student_vars: PyTree, teacher_vars: PyTree, x: jax.Array, key: jax.Array):
+        if cfg.sr_trigger_model == "teacher":
+            trigger_model = lambda inputs: teacher.apply(teacher_vars, inputs, train=False)[0]  # noqa: E731
+        elif cfg.sr_trigger_model == "student":
+            trigger_model = "student"
+        else:
+            raise ValueError(f"sr_trigger_model must be 'teacher' or 'student', got {cfg.sr_trigger_model!r}")
+        grads, _ = retrospect(
+            student_apply, student_vars, x, key, trigger_logits_fn=trigger_model, rounds=cfg.sr_rounds,
+            pert_lr=cfg.sr_pert_lr, trigger_l2=cfg.sr_l2, portion=cfg.sr_portion,
+            fp_iterations=cfg.sr_fp_iterations, l2=cfg.sr_l2, temperature=cfg.temperature,
+        )
+        return grads
+
+    return student_sr
+
+
+def build_zskt(teacher, dataset: Dataset, cfg: ZSKTConfig, seed: int, hooks: DFKDHooks = DFKDHooks(),
+               teacher_vars: PyTree = None):
+    """Returns (student module, generator module, initial ZSKTState, pseudo_batch fn).
+
+    With `cfg.sv` the Shuffling Vaccine hook is added (its state in `ZSKTState.hook_state`, built
+    from `teacher_vars`); the SR phase is built separately by `sr_phase`.
+    """
     size, _, channels = dataset.image_shape
     student = get_model(cfg.student, num_classes=dataset.num_classes)
     generator = Generator(z_dim=cfg.z_dim, image_size=size, channels=channels,
@@ -82,6 +135,9 @@ def build_zskt(teacher, dataset: Dataset, cfg: ZSKTConfig, seed: int, hooks: DFK
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
         return per_pseudo_batch(cosine_schedule(base, cfg.pseudo_batches), updates_per_pb)
 
+    penalty, sv_state = sv_hooks(teacher, teacher_vars, cfg, jax.random.fold_in(k_run, 3))
+    if penalty is not None:
+        hooks = hooks._replace(generator_penalty=penalty)
     s_tx = make_optimizer("adam", lr(cfg.lr_student, cfg.n_student_steps), clip_norm=cfg.clip_norm)
     g_tx = make_optimizer("adam", lr(cfg.lr_generator, 1), clip_norm=cfg.clip_norm)
     state = ZSKTState(
@@ -89,13 +145,31 @@ def build_zskt(teacher, dataset: Dataset, cfg: ZSKTConfig, seed: int, hooks: DFK
         generator=create_train_state(g_vars, g_tx, jax.random.fold_in(k_run, 2)),
         step=jnp.zeros((), jnp.int32),
         key=k_run,
+        hook_state=sv_state,
     )
-    step = make_pseudo_batch(
+    step = _pseudo_batch_fn(teacher, student, generator, s_tx, g_tx, cfg, hooks)
+    return student, generator, state, step
+
+
+def _pseudo_batch_fn(teacher, student, generator, s_tx, g_tx, cfg: ZSKTConfig, hooks: DFKDHooks):
+    return make_pseudo_batch(
         teacher, student, generator, s_tx, g_tx, batch_size=cfg.batch_size, z_dim=cfg.z_dim,
         n_student_steps=cfg.n_student_steps, temperature=cfg.temperature, beta=cfg.beta,
         hooks=hooks, fuse=cfg.fuse, scan_unroll=cfg.scan_unroll,
     )
-    return student, generator, state, step
+
+
+def sr_phase(teacher, student, generator, state: ZSKTState, cfg: ZSKTConfig, hooks: DFKDHooks):
+    """The SR resume of spec 4.2: the student gets a fresh `self_retrospection` + Adam optimizer
+    (cosine from `sr_resume_lr` over the remaining pseudo-batches, no clipping); the generator,
+    its optimizer and schedule, and the vaccine state carry on. Returns (state, pseudo_batch fn)."""
+    s_tx = sr_resume_optimizer(cfg.sr_resume_lr, cfg.sr_pseudo_batches,
+                               updates_per_step=cfg.n_student_steps, coef=cfg.sr_coef)
+    student_state = state.student.replace(opt_state=s_tx.init(state.student.params))
+    g_tx = make_optimizer("adam", per_pseudo_batch(cosine_schedule(cfg.lr_generator, cfg.pseudo_batches), 1)
+                          if cfg.schedule == "cosine" else cfg.lr_generator, clip_norm=cfg.clip_norm)
+    hooks = hooks._replace(student_sr=sr_hook(teacher, student, cfg))
+    return state.replace(student=student_state), _pseudo_batch_fn(teacher, student, generator, s_tx, g_tx, cfg, hooks)
 
 
 def samples_to_pixels(x: jax.Array, mean, std) -> np.ndarray:
@@ -115,15 +189,31 @@ def distill_zskt(
     desc: str = "zskt",
     on_eval: Callable[[int, ZSKTState, dict[str, float]], None] | None = None,
 ) -> ZSKTResult:
-    """Runs `cfg.pseudo_batches` ZSKT pseudo-batches and evaluates the student periodically."""
-    student, generator, state, step = build_zskt(teacher, dataset, cfg, seed, hooks)
+    """Runs `cfg.pseudo_batches` ZSKT pseudo-batches and evaluates the student periodically.
+
+    With ABD options (`cfg.sv`, `cfg.sr_pseudo_batches`) the vaccine is active throughout and the
+    last `sr_pseudo_batches` run with Self-Retrospection, as the reference's resumed SR job.
+    """
+    if not 0 <= cfg.sr_pseudo_batches <= cfg.pseudo_batches:
+        raise ValueError(f"sr_pseudo_batches must be in [0, {cfg.pseudo_batches}], got {cfg.sr_pseudo_batches}")
+    student, generator, state, step = build_zskt(teacher, dataset, cfg, seed, hooks, teacher_vars)
     ev = evaluator(student, dataset.mean, dataset.std, eval_sets)
     eval_every = cfg.eval_every or max(cfg.pseudo_batches // 10, 1)
+    evaluate = lambda s: ev(s.student.variables)  # noqa: E731
+    main_steps = cfg.pseudo_batches - cfg.sr_pseudo_batches
     t0 = time.perf_counter()
-    state, history = run_steps(
-        step, state, teacher_vars, num_steps=cfg.pseudo_batches,
-        evaluate=lambda s: ev(s.student.variables), eval_every=eval_every, desc=desc, on_eval=on_eval,
-    )
+    state, history = run_steps(step, state, teacher_vars, num_steps=main_steps, evaluate=evaluate,
+                               eval_every=eval_every, desc=desc, on_eval=on_eval)
+    if cfg.sr_pseudo_batches:
+        if cfg.sv:
+            hooks = hooks._replace(generator_penalty=make_generator_penalty(teacher))
+        state, sr_step = sr_phase(teacher, student, generator, state, cfg, hooks)
+        state, sr_history = run_steps(
+            sr_step, state, teacher_vars, num_steps=cfg.pseudo_batches, start_step=main_steps,
+            evaluate=evaluate, eval_every=max(min(eval_every, cfg.sr_pseudo_batches // 2), 1),
+            desc=f"{desc} (SR)", on_eval=on_eval,
+        )
+        history = history + [{**h, "sr": 1.0} for h in sr_history]
     seconds = (time.perf_counter() - t0) / max(cfg.pseudo_batches, 1)
     x = sample_images(generator, state.generator, jax.random.key(seed + 1), 64, cfg.z_dim)
     samples = samples_to_pixels(x, dataset.mean, dataset.std)

@@ -1,0 +1,73 @@
+"""ABD wired into ZSKT through the hooks: with its coefficients at 0 a run equals vanilla ZSKT,
+and with them on it changes what it should. One compiled step per variant (coefficients are
+array leaves in the state, so changing them does not recompile)."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import pytest
+
+from abd_jax.abd.self_retrospection import set_sr_coef
+from abd_jax.data.embedded import load_digits
+from abd_jax.kd.common import DFKDHooks
+from abd_jax.kd.zskt_train import ZSKTConfig, build_zskt, sr_phase
+
+from abd_jax.models import get_model, init_model
+
+CFG = ZSKTConfig(pseudo_batches=4, batch_size=8, n_student_steps=2, generator_width=16,
+                 sr_pseudo_batches=2, sr_rounds=2, sr_fp_iterations=2)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    ds = load_digits(8)
+    teacher = get_model("wrn16_1", 10)
+    tvars = init_model(teacher, jax.random.key(1), ds.image_shape)
+    return ds, teacher, tvars
+
+
+def _changed(a, b) -> bool:
+    return any(not jnp.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_sv_zero_coef_equals_vanilla_and_nonzero_moves_generator(setup):
+    ds, teacher, tvars = setup
+    _, _, vanilla, v_step = build_zskt(teacher, ds, CFG, seed=0, teacher_vars=tvars)
+    _, _, sv_state, sv_step = build_zskt(teacher, ds, dataclasses.replace(CFG, sv=True), seed=0, teacher_vars=tvars)
+    v_step, sv_step = jax.jit(v_step), jax.jit(chex.assert_max_traces(sv_step, n=1))
+    chex.clear_trace_counter()
+    v, _ = v_step(vanilla, tvars)
+    off = sv_state.replace(hook_state=sv_state.hook_state.replace(coef=jnp.float32(0.0)))
+    s0, m0 = sv_step(off, tvars)
+    chex.assert_trees_all_equal(v.student.params, s0.student.params)
+    chex.assert_trees_all_equal(v.generator.params, s0.generator.params)
+    assert float(m0["sv_loss"]) == 0.0
+    on = sv_state.replace(hook_state=sv_state.hook_state.replace(coef=jnp.float32(10.0)))
+    s1, m1 = sv_step(on, tvars)  # same compiled function: coef is data
+    assert float(m1["sv_loss"]) <= 0.0
+    if float(m1["sv_flagged"]) > 0:
+        assert _changed(v.generator.params, s1.generator.params)
+
+
+def test_sr_zero_coef_equals_plain_resume_and_nonzero_differs(setup):
+    ds, teacher, tvars = setup
+    student, generator, state, _ = build_zskt(teacher, ds, CFG, seed=0, teacher_vars=tvars)
+    sr_state, sr_step = sr_phase(teacher, student, generator, state, CFG, DFKDHooks())
+    sr_step = jax.jit(sr_step)
+    off = sr_state.replace(student=sr_state.student.replace(opt_state=set_sr_coef(sr_state.student.opt_state, 0.0)))
+    s_off, _ = sr_step(off, tvars)
+    s_on, _ = sr_step(sr_state, tvars)
+    chex.assert_tree_all_finite(s_on.student.params)
+    # The same resumed optimizer with no SR hook at all: the plain (vanilla) resumed run.
+    plain_state, _ = sr_phase(teacher, student, generator, state, CFG, DFKDHooks())
+    import abd_jax.kd.zskt_train as zt
+
+    s_tx = zt.sr_resume_optimizer(CFG.sr_resume_lr, CFG.sr_pseudo_batches, updates_per_step=CFG.n_student_steps)
+    g_tx = zt.make_optimizer("adam", zt.per_pseudo_batch(zt.cosine_schedule(CFG.lr_generator, CFG.pseudo_batches), 1),
+                             clip_norm=CFG.clip_norm)
+    plain = jax.jit(zt._pseudo_batch_fn(teacher, student, generator, s_tx, g_tx, CFG, DFKDHooks()))
+    s_plain, _ = plain(plain_state, tvars)
+    chex.assert_trees_all_close(s_off.student.params, s_plain.student.params, rtol=1e-6, atol=1e-7)
+    assert _changed(s_off.student.params, s_on.student.params)
