@@ -7,6 +7,7 @@ teacher: a teacher directory whose fingerprint matches the config is reused.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -18,7 +19,7 @@ import jax
 from abd_jax.checkpoint import CheckpointError, load_teacher, read_teacher_meta, save_teacher
 from abd_jax.data import load_dataset
 from abd_jax.kd.clean import distill_clean
-from abd_jax.kd.zskt_train import ZSKTConfig, distill_zskt
+from abd_jax.kd.zskt_train import ZSKTConfig, distill_zskt, distill_zskt_branches
 from abd_jax.pipeline import EvalSets, evaluator, make_eval_sets, poison, train_classifier
 from abd_jax.report import markdown_table, plot_curves, save_image_grid, write_json, write_text
 from abd_jax.attacks import make_trigger
@@ -119,14 +120,8 @@ def zskt_config_from(c) -> ZSKTConfig:
     return ZSKTConfig(**c.to_dict())
 
 
-def run_zskt(cfg, workdir: str | Path, *, name: str = "zskt", dataset=None, eval_sets: EvalSets | None = None,
-             teacher=None, tvars=None) -> dict[str, Any]:
-    """ZSKT distillation of the teacher into WORKDIR/NAME; returns {"acc", "asr", ...}."""
-    workdir = Path(workdir)
-    if teacher is None:
-        dataset, eval_sets, teacher, tvars, _ = teacher_and_eval(cfg, workdir)
-    out = workdir / name
-    res = distill_zskt(teacher, tvars, dataset, eval_sets, zskt_config_from(cfg.zskt), seed=cfg.seed, desc=name)
+def save_zskt_result(out: Path, res, cfg, dataset, name: str) -> dict[str, Any]:
+    """Student checkpoint, history, curves and synthetic samples of one ZSKT row; returns the row."""
     final = _pct(res.history[-1])
     save_teacher(out / "student", res.state.student.variables,
                  {"model": cfg.zskt.student, "num_classes": dataset.num_classes,
@@ -136,6 +131,33 @@ def run_zskt(cfg, workdir: str | Path, *, name: str = "zskt", dataset=None, eval
                 title=f"{name}: student {cfg.zskt.student}")
     save_image_grid(out / "samples.png", res.samples)
     return {**final, "s_per_pseudo_batch": round(res.seconds_per_step, 3)}
+
+
+def run_zskt(cfg, workdir: str | Path, *, name: str = "zskt", dataset=None, eval_sets: EvalSets | None = None,
+             teacher=None, tvars=None) -> dict[str, Any]:
+    """ZSKT distillation of the teacher into WORKDIR/NAME; returns {"acc", "asr", ...}."""
+    workdir = Path(workdir)
+    if teacher is None:
+        dataset, eval_sets, teacher, tvars, _ = teacher_and_eval(cfg, workdir)
+    res = distill_zskt(teacher, tvars, dataset, eval_sets, zskt_config_from(cfg.zskt), seed=cfg.seed, desc=name)
+    return save_zskt_result(workdir / name, res, cfg, dataset, name)
+
+
+def run_zskt_abd(cfg, workdir: str | Path, *, dataset, eval_sets, teacher, tvars) -> dict[str, dict]:
+    """The four ZSKT rows of the ABD ablation (spec 9.4): zskt, zskt+sr (vanilla run, SR over the
+    last `sr_pseudo_batches`), zskt+sv and zskt+abd (the SV run, without / with SR). Each SR row
+    resumes its run's state at pseudo-batch N - k, as the reference's SR job resumes a checkpoint."""
+    workdir = Path(workdir)
+    zc = zskt_config_from(cfg.zskt)
+    if zc.sr_pseudo_batches <= 0:
+        raise ValueError("the ABD rows need zskt.sr_pseudo_batches > 0 (the SR phase length)")
+    rows = {}
+    for sv, plain_name, sr_name in ((False, "zskt", "zskt+sr"), (True, "zskt+sv", "zskt+abd")):
+        res = distill_zskt_branches(teacher, tvars, dataset, eval_sets, dataclasses.replace(zc, sv=sv),
+                                    seed=cfg.seed, desc=plain_name)
+        rows[plain_name] = save_zskt_result(workdir / plain_name, res["plain"], cfg, dataset, plain_name)
+        rows[sr_name] = save_zskt_result(workdir / sr_name, res["sr"], cfg, dataset, sr_name)
+    return rows
 
 
 def run_clean_kd(cfg, workdir: str | Path, *, dataset=None, eval_sets=None, teacher=None, tvars=None) -> dict[str, Any]:

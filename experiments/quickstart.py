@@ -1,7 +1,7 @@
-"""The main job: `python -m experiments.quickstart --workdir DIR [--seed N] [--smoke]`.
+"""The main job: `python -m experiments.quickstart --workdir DIR [--seed N] [--abd] [--smoke]`.
 
 On the embedded digits (no download): train (or reuse) a BadNets-grid poisoned WRN-16-2 teacher,
-distil it with vanilla ZSKT and with clean KD, print the table and write into DIR `results.json`,
+distil it with vanilla ZSKT (with `--abd` also with ZSKT+SV, ZSKT+SR and ZSKT+ABD) and with clean KD, print the table and write into DIR `results.json`,
 `summary.md`, the PNG curves and a grid of synthetic images.
 """
 
@@ -11,7 +11,7 @@ import argparse
 import time
 from pathlib import Path
 
-from abd_jax.jobs import run_clean_kd, run_zskt, teacher_and_eval, write_results
+from abd_jax.jobs import run_clean_kd, run_zskt, run_zskt_abd, teacher_and_eval, write_results
 from experiments.configs.quickstart import get_config
 
 
@@ -20,18 +20,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workdir", required=True, help="output directory (created)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="a seconds-long run for tests")
+    ap.add_argument("--abd", action="store_true",
+                    help="add the ABD rows zskt+sv, zskt+sr, zskt+abd (SR over the last "
+                         "zskt.sr_pseudo_batches of the run)")
     args = ap.parse_args(argv)
     cfg = get_config("smoke" if args.smoke else None)
     cfg.seed = args.seed
+    if args.abd:  # SR over the last k pseudo-batches of each run (spec 4.2 resume)
+        cfg.zskt.sr_pseudo_batches = 1 if args.smoke else 10
+        if args.smoke:
+            cfg.zskt.sr_rounds, cfg.zskt.sr_fp_iterations = 2, 2
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     dataset, eval_sets, teacher, tvars, meta = teacher_and_eval(cfg, workdir)
     shared = dict(dataset=dataset, eval_sets=eval_sets, teacher=teacher, tvars=tvars)
-    rows = {
-        "zskt": run_zskt(cfg, workdir, **shared),
-        "clean_kd": run_clean_kd(cfg, workdir, **shared),
-    }
+    if args.abd:
+        rows = run_zskt_abd(cfg, workdir, **shared)
+    else:
+        rows = {"zskt": run_zskt(cfg, workdir, **shared)}
+    rows["clean_kd"] = run_clean_kd(cfg, workdir, **shared)
     table = write_results(workdir, cfg, meta, rows, time.time() - t0,
                           "Quickstart: poisoned teacher, ZSKT and clean KD on the embedded digits")
     print(table)

@@ -55,6 +55,17 @@ def test_quickstart_smoke_and_teacher_reuse(tmp_path):
     assert (tmp_path / "teacher" / "teacher.json").stat().st_mtime == mtime
 
 
+def test_quickstart_abd_rows_smoke(tmp_path):
+    r = _run(["-m", "experiments.quickstart", "--smoke", "--abd", f"--workdir={tmp_path}"], ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["rows"]) == {"zskt", "zskt+sv", "zskt+sr", "zskt+abd", "clean_kd"}
+    for row in res["rows"].values():
+        assert _finite({k: row[k] for k in ("acc", "asr")})
+    sr_hist = json.loads((tmp_path / "zskt+abd" / "history.json").read_text())
+    assert sr_hist[-1].get("sr") == 1.0 and sr_hist[-1]["step"] == 2
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -60,6 +60,22 @@ def zskt_config(pseudo_batches: int = 300) -> ml_collections.ConfigDict:
     c.fuse = "unroll"
     c.scan_unroll = 1
     c.eval_every = 0
+    # ABD (used by the quickstart's --abd rows; spec 3 and 4 defaults). SR runs over the last
+    # `sr_pseudo_batches` (the reference: the last ~0.5-0.75% of 80,000; here a longer share of a
+    # short run, since SR needs enough steps to act).
+    c.sv = False
+    c.sv_coef = 0.1
+    c.sv_copies = 3
+    c.sv_layers = 5
+    c.sr_pseudo_batches = 0
+    c.sr_coef = 1.0
+    c.sr_resume_lr = 5e-4
+    c.sr_rounds = 10
+    c.sr_pert_lr = 0.1
+    c.sr_l2 = 1e-3
+    c.sr_portion = 0.02
+    c.sr_fp_iterations = 5
+    c.sr_trigger_model = "teacher"
     return c
 
 
