@@ -65,8 +65,7 @@ def test_sr_zero_coef_equals_plain_resume_and_nonzero_differs(setup):
     import abd_jax.kd.zskt_train as zt
 
     s_tx = zt.sr_resume_optimizer(CFG.sr_resume_lr, CFG.sr_pseudo_batches, updates_per_step=CFG.n_student_steps)
-    g_tx = zt.make_optimizer("adam", zt.per_pseudo_batch(zt.cosine_schedule(CFG.lr_generator, CFG.pseudo_batches), 1),
-                             clip_norm=CFG.clip_norm)
+    g_tx = zt._generator_tx(CFG)
     plain = jax.jit(zt._pseudo_batch_fn(teacher, student, generator, s_tx, g_tx, CFG, DFKDHooks()))
     s_plain, _ = plain(plain_state, tvars)
     chex.assert_trees_all_close(s_off.student.params, s_plain.student.params, rtol=1e-6, atol=1e-7)

@@ -113,6 +113,19 @@ def sr_hook(teacher, student, cfg: ZSKTConfig):
     return student_sr
 
 
+def _lr(cfg: ZSKTConfig, base: float, updates_per_pb: int):
+    """The spec's cosine over the run, stepped once per pseudo-batch, or a constant."""
+    if cfg.schedule == "constant":
+        return base
+    if cfg.schedule != "cosine":
+        raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+    return per_pseudo_batch(cosine_schedule(base, cfg.pseudo_batches), updates_per_pb)
+
+
+def _generator_tx(cfg: ZSKTConfig) -> optax.GradientTransformation:
+    return make_optimizer("adam", _lr(cfg, cfg.lr_generator, 1), clip_norm=cfg.clip_norm)
+
+
 def build_zskt(teacher, dataset: Dataset, cfg: ZSKTConfig, seed: int, hooks: DFKDHooks = DFKDHooks(),
                teacher_vars: PyTree = None):
     """Returns (student module, generator module, initial ZSKTState, pseudo_batch fn).
@@ -128,18 +141,11 @@ def build_zskt(teacher, dataset: Dataset, cfg: ZSKTConfig, seed: int, hooks: DFK
     s_vars = init_model(student, k_s, dataset.image_shape)
     g_vars = generator.init(k_g, jnp.zeros((2, cfg.z_dim)), train=False)
 
-    def lr(base: float, updates_per_pb: int):
-        if cfg.schedule == "constant":
-            return base
-        if cfg.schedule != "cosine":
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
-        return per_pseudo_batch(cosine_schedule(base, cfg.pseudo_batches), updates_per_pb)
-
     penalty, sv_state = sv_hooks(teacher, teacher_vars, cfg, jax.random.fold_in(k_run, 3))
     if penalty is not None:
         hooks = hooks._replace(generator_penalty=penalty)
-    s_tx = make_optimizer("adam", lr(cfg.lr_student, cfg.n_student_steps), clip_norm=cfg.clip_norm)
-    g_tx = make_optimizer("adam", lr(cfg.lr_generator, 1), clip_norm=cfg.clip_norm)
+    s_tx = make_optimizer("adam", _lr(cfg, cfg.lr_student, cfg.n_student_steps), clip_norm=cfg.clip_norm)
+    g_tx = _generator_tx(cfg)
     state = ZSKTState(
         student=create_train_state(s_vars, s_tx, jax.random.fold_in(k_run, 1)),
         generator=create_train_state(g_vars, g_tx, jax.random.fold_in(k_run, 2)),
@@ -166,8 +172,7 @@ def sr_phase(teacher, student, generator, state: ZSKTState, cfg: ZSKTConfig, hoo
     s_tx = sr_resume_optimizer(cfg.sr_resume_lr, cfg.sr_pseudo_batches,
                                updates_per_step=cfg.n_student_steps, coef=cfg.sr_coef)
     student_state = state.student.replace(opt_state=s_tx.init(state.student.params))
-    g_tx = make_optimizer("adam", per_pseudo_batch(cosine_schedule(cfg.lr_generator, cfg.pseudo_batches), 1)
-                          if cfg.schedule == "cosine" else cfg.lr_generator, clip_norm=cfg.clip_norm)
+    g_tx = _generator_tx(cfg)  # the same transformation as before the resume: its state carries on
     hooks = hooks._replace(student_sr=sr_hook(teacher, student, cfg))
     return state.replace(student=student_state), _pseudo_batch_fn(teacher, student, generator, s_tx, g_tx, cfg, hooks)
 
@@ -194,9 +199,9 @@ def distill_zskt(
     With ABD options (`cfg.sv`, `cfg.sr_pseudo_batches`) the vaccine is active throughout and the
     last `sr_pseudo_batches` run with Self-Retrospection, as the reference's resumed SR job.
     """
+    ending = "sr" if cfg.sr_pseudo_batches else "plain"
     return distill_zskt_branches(teacher, teacher_vars, dataset, eval_sets, cfg, seed=seed, hooks=hooks,
-                                 desc=desc, on_eval=on_eval, endings=("sr",) if cfg.sr_pseudo_batches else ("plain",))[
-        "sr" if cfg.sr_pseudo_batches else "plain"]
+                                 desc=desc, on_eval=on_eval, endings=(ending,))[ending]
 
 
 def distill_zskt_branches(
