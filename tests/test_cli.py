@@ -36,34 +36,25 @@ def test_zskt_smoke_two_pseudo_batches(tmp_path):
         assert (tmp_path / f).is_file(), f
 
 
-def test_quickstart_smoke_and_teacher_reuse(tmp_path):
-    r = _run(["-m", "experiments.quickstart", "--smoke", f"--workdir={tmp_path}", "--seed=3"], ROOT)
+def test_quickstart_smoke_with_abd_rows_and_teacher_reuse(tmp_path):
+    r = _run(["-m", "experiments.quickstart", "--smoke", "--abd", f"--workdir={tmp_path}", "--seed=3"], ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert set(res) >= {"teacher", "rows", "seed", "wall_s"}
     assert res["seed"] == 3
-    assert set(res["rows"]) == {"zskt", "clean_kd"}
+    assert set(res["rows"]) == {"zskt", "zskt+sv", "zskt+sr", "zskt+abd", "clean_kd"}
     for row in [res["teacher"], *res["rows"].values()]:
         assert _finite({k: row[k] for k in ("acc", "asr")})
-    assert "| Teacher |" in r.stdout
+    assert "| Teacher |" in r.stdout and "| zskt+abd |" in r.stdout
+    sr_hist = json.loads((tmp_path / "zskt+abd" / "history.json").read_text())
+    assert sr_hist[-1].get("sr") == 1.0 and sr_hist[-1]["step"] == 2
     # Same config again: the teacher is reused, not retrained.
     mtime = (tmp_path / "teacher" / "teacher.json").stat().st_mtime
     r2 = _run(["-m", "abd_jax.cli", f"--config={ROOT}/experiments/configs/teacher.py:smoke",
-               f"--workdir={tmp_path}", "--config.seed=3"], ROOT)
+               f"--workdir={tmp_path}", "--config.seed=3", "--config.teacher.model=wrn16_1"], ROOT)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "reusing the teacher" in r2.stdout
     assert (tmp_path / "teacher" / "teacher.json").stat().st_mtime == mtime
-
-
-def test_quickstart_abd_rows_smoke(tmp_path):
-    r = _run(["-m", "experiments.quickstart", "--smoke", "--abd", f"--workdir={tmp_path}"], ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads((tmp_path / "results.json").read_text())
-    assert set(res["rows"]) == {"zskt", "zskt+sv", "zskt+sr", "zskt+abd", "clean_kd"}
-    for row in res["rows"].values():
-        assert _finite({k: row[k] for k in ("acc", "asr")})
-    sr_hist = json.loads((tmp_path / "zskt+abd" / "history.json").read_text())
-    assert sr_hist[-1].get("sr") == 1.0 and sr_hist[-1]["step"] == 2
 
 
 @pytest.mark.parametrize(
