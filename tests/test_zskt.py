@@ -26,14 +26,22 @@ def setup():
 
 
 def run(setup, cfg=CFG, hooks=DFKDHooks(), n=3):
+    """States after each of n pseudo-batches (one compiled step), and their metrics."""
     ds, teacher, tvars = setup
     _, _, state, step = build_zskt(teacher, ds, cfg, seed=0, hooks=hooks)
     jitted = jax.jit(step)
-    out = []
+    states, out = [], []
     for _ in range(n):
         state, m = jitted(state, tvars)
+        states.append(state)
         out.append(m)
-    return state, out
+    return states, out
+
+
+@pytest.fixture(scope="module")
+def vanilla(setup):
+    """Vanilla states after 1 and 2 pseudo-batches, shared by the comparisons below."""
+    return run(setup, n=2)[0]
 
 
 def test_pseudo_batch_compiles_once(setup):
@@ -68,30 +76,31 @@ def test_teacher_outputs_once_equals_recompute(setup):
     chex.assert_trees_all_close(params[0], params[1], rtol=1e-5, atol=1e-6)
 
 
-def test_scan_equals_unroll(setup):
+def test_scan_equals_unroll(setup, vanilla):
     import dataclasses
 
-    s1, _ = run(setup, n=1)
-    s2, _ = run(setup, cfg=dataclasses.replace(CFG, fuse="scan", scan_unroll=2), n=1)
+    s1 = vanilla[0]
+    s2 = run(setup, cfg=dataclasses.replace(CFG, fuse="scan", scan_unroll=2), n=1)[0][-1]
     # XLA fuses a scan body differently from the unrolled steps; the float32 reassociation noise
     # (~1e-7 in the gradients) is amplified by Adam's normalization to a few 1e-6 in the weights
     # after 2 updates of size ~lr = 2e-3. Anything larger would be a real difference.
     chex.assert_trees_all_close(s1.student.params, s2.student.params, rtol=0, atol=1e-5)
 
 
-def test_zero_generator_penalty_equals_vanilla(setup):
+def test_zero_generator_penalty_equals_vanilla(setup, vanilla):
     """The ABD extension point with a zero penalty leaves the run unchanged."""
     zero = lambda t_logits, x, key: (jnp.zeros(()), {})  # noqa: E731
-    s1, _ = run(setup, n=2)
-    s2, _ = run(setup, hooks=DFKDHooks(generator_penalty=zero), n=2)
+    s1 = vanilla[1]
+    s2 = run(setup, hooks=DFKDHooks(generator_penalty=zero), n=2)[0][-1]
     chex.assert_trees_all_equal(s1.student.params, s2.student.params)
     chex.assert_trees_all_equal(s1.generator.params, s2.generator.params)
 
 
-def test_generator_penalty_reaches_the_generator(setup):
+def test_generator_penalty_reaches_the_generator(setup, vanilla):
     pen = lambda t_logits, x, key: (-10.0 * jnp.mean(x**2), {"pen": jnp.mean(x**2)})  # noqa: E731
-    s1, _ = run(setup, n=1)
-    s2, m = run(setup, hooks=DFKDHooks(generator_penalty=pen), n=1)
+    s1 = vanilla[0]
+    states, m = run(setup, hooks=DFKDHooks(generator_penalty=pen), n=1)
+    s2 = states[-1]
     assert "pen" in m[0]
     # Adam's first step is lr * sign(grad): only leaves whose gradient sign flipped can move.
     changed = [not np.array_equal(a, b) for a, b in
