@@ -52,11 +52,21 @@ def _pct(m: dict) -> dict[str, float]:
     return {k: round(float(m[k]), 2) for k in PCT if k in m}
 
 
-def run_teacher(cfg, workdir: str | Path) -> dict[str, Any]:
-    """Trains (or reuses) the poisoned teacher into WORKDIR/teacher; returns its metrics."""
+def _training_kwargs(cfg, dataset) -> dict[str, Any]:
+    """The teacher config as `train_classifier` keywords (shared by the teacher and CL's clean model)."""
+    t = cfg.teacher
+    return dict(model_name=t.model, num_classes=dataset.num_classes, mean=dataset.mean, std=dataset.std,
+                epochs=t.epochs, batch_size=t.batch_size, optimizer=t.optimizer, lr=t.lr,
+                weight_decay=t.weight_decay, flip=cfg.data.flip)
+
+
+def run_teacher(cfg, workdir: str | Path, dataset=None) -> dict[str, Any]:
+    """Trains (or reuses) the poisoned teacher into WORKDIR/teacher; returns its metrics.
+
+    `dataset` is loaded from the config when not given; a reused teacher needs none.
+    """
     workdir = Path(workdir)
     tdir = workdir / "teacher"
-    dataset = load_data(cfg)
     fp = teacher_fingerprint(cfg)
     try:
         meta = read_teacher_meta(tdir)
@@ -65,13 +75,12 @@ def run_teacher(cfg, workdir: str | Path) -> dict[str, Any]:
             return meta
     except CheckpointError:
         pass
+    dataset = load_data(cfg) if dataset is None else dataset
     clean_model = None
     if cfg.attack.trigger == "cl":  # CL perturbs target images against a clean model (spec 7)
         clean_model = train_classifier(
-            dataset.x_train, dataset.y_train, model_name=cfg.teacher.model, num_classes=dataset.num_classes,
-            mean=dataset.mean, std=dataset.std, eval_sets=None, epochs=cfg.teacher.epochs,
-            batch_size=cfg.teacher.batch_size, optimizer=cfg.teacher.optimizer, lr=cfg.teacher.lr,
-            weight_decay=cfg.teacher.weight_decay, flip=cfg.data.flip, seed=cfg.seed + 1, desc="clean model",
+            dataset.x_train, dataset.y_train, eval_sets=None, seed=cfg.seed + 1, desc="clean model",
+            **_training_kwargs(cfg, dataset),
         )
     t0 = time.time()
     _, poisoned, eval_sets = poison(
@@ -80,11 +89,8 @@ def run_teacher(cfg, workdir: str | Path) -> dict[str, Any]:
         pattern_file=cfg.attack.pattern_file or None, clean_model=clean_model, seed=cfg.seed,
     )
     trained = train_classifier(
-        poisoned.x_train, poisoned.y_train, model_name=cfg.teacher.model, num_classes=dataset.num_classes,
-        mean=dataset.mean, std=dataset.std, eval_sets=eval_sets, epochs=cfg.teacher.epochs,
-        batch_size=cfg.teacher.batch_size, optimizer=cfg.teacher.optimizer, lr=cfg.teacher.lr,
-        weight_decay=cfg.teacher.weight_decay, flip=cfg.data.flip, seed=cfg.seed,
-        eval_every=cfg.teacher.eval_every,
+        poisoned.x_train, poisoned.y_train, eval_sets=eval_sets, seed=cfg.seed,
+        eval_every=cfg.teacher.eval_every, **_training_kwargs(cfg, dataset),
     )
     wall = time.time() - t0
     meta = {
@@ -102,12 +108,12 @@ def run_teacher(cfg, workdir: str | Path) -> dict[str, Any]:
 
 def teacher_and_eval(cfg, workdir: Path):
     """The teacher (trained or reused) with the dataset and the evaluation sets it is judged on."""
+    dataset = load_data(cfg)
     if cfg.teacher.dir:
         tdir = Path(cfg.teacher.dir)
     else:
-        run_teacher(cfg, workdir)
+        run_teacher(cfg, workdir, dataset)
         tdir = workdir / "teacher"
-    dataset = load_data(cfg)
     teacher, tvars, meta = load_teacher(tdir, expected_num_classes=dataset.num_classes,
                                         expected_image_shape=dataset.image_shape)
     trigger = make_trigger(cfg.attack.trigger, dataset.image_shape[0], dataset.image_shape[2],
