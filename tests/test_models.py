@@ -276,3 +276,63 @@ def test_vgg_dropout_train_vs_eval(real_variables):
     e1, _ = model.apply(variables, x)
     e2, _ = model.apply(variables, x)
     np.testing.assert_array_equal(e1, e2)
+
+
+# ---- the loop-friendly convolution (abd_jax/models/conv_op.py) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "stride, padding, k, lhs_dil",
+    [(1, ((1, 1), (1, 1)), 3, 1), (2, ((1, 1), (1, 1)), 3, 1), (2, "VALID", 1, 1), (2, "SAME", 3, 1),
+     (1, ((2, 1), (1, 2)), 3, 2)],
+)
+def test_loop_friendly_conv_matches_lax_up_to_second_order(stride, padding, k, lhs_dil):
+    from jax import lax
+
+    from abd_jax.models.conv_op import conv_general_dilated, loop_friendly_convs
+
+    x = jax.random.normal(jax.random.key(0), (2, 7, 7, 3))
+    w = jax.random.normal(jax.random.key(1), (k, k, 3, 4))
+
+    def make(conv):
+        def f(x, w):
+            y = conv(x, w, (stride, stride), padding, lhs_dilation=(lhs_dil, lhs_dil),
+                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return jnp.sum(jnp.sin(y))
+
+        # value, both first derivatives, and a second-order term (SR's hypergradient shape)
+        def everything(x, w):
+            gx = jax.grad(f)(x, w)
+            return f(x, w), jax.grad(f, (0, 1))(x, w), jax.grad(lambda w_: jnp.sum(jax.grad(f)(x, w_) * gx))(w)
+
+        return everything
+
+    ref = make(lax.conv_general_dilated)(x, w)
+    assert "custom_vjp" not in str(jax.make_jaxpr(make(conv_general_dilated))(x, w))  # off by default
+    with loop_friendly_convs():
+        assert "custom_vjp" in str(jax.make_jaxpr(make(conv_general_dilated))(x, w))
+        ours = make(conv_general_dilated)(x, w)
+    chex.assert_trees_all_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_loop_friendly_conv_in_a_fori_loop_equals_unrolled():
+    """The case it exists for: input gradients of a model inside a loop (SR's trigger rounds)."""
+    from abd_jax.models.conv_op import loop_friendly_convs
+
+    model = get_model("wrn16_1", 10)
+    variables = init_model(model, jax.random.key(0), (8, 8, 3))
+    x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+
+    def grad_x(d):
+        return jax.grad(lambda d: jnp.sum(model.apply(variables, x + d)[0] ** 2))(d)
+
+    def unrolled(d):
+        for _ in range(3):
+            d = d - 0.01 * grad_x(d)
+        return d
+
+    d0 = jnp.zeros((1, 8, 8, 3))
+    ref = jax.jit(unrolled)(d0)
+    with loop_friendly_convs():
+        looped = jax.jit(lambda d: jax.lax.fori_loop(0, 3, lambda _, d: d - 0.01 * grad_x(d), d))(d0)
+    chex.assert_trees_all_close(looped, ref, rtol=1e-4, atol=1e-5)

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from abd_jax.models.conv_op import conv_general_dilated
 from abd_jax.models.initializers import batch_norm, torch_default_bias, torch_default_kernel
 
 _OUT_ACTIVATIONS = {"none": lambda x: x, "tanh": jnp.tanh}
@@ -31,6 +32,7 @@ def _conv(features: int, in_channels: int, name: str) -> nn.Conv:
         padding=((1, 1), (1, 1)),
         kernel_init=torch_default_kernel,
         bias_init=torch_default_bias(9 * in_channels),
+        conv_general_dilated=conv_general_dilated,
         name=name,
     )
 

@@ -12,6 +12,8 @@ import math
 import flax.linen as nn
 import jax
 
+from abd_jax.models.conv_op import conv_general_dilated
+
 # PyTorch BatchNorm2d(momentum=0.1) keeps 0.9 of the old running statistic; flax's `momentum` is
 # that kept fraction. (One residual difference: PyTorch updates the running variance with the
 # unbiased batch variance, flax with the biased one; it only matters for tiny batches.)
@@ -64,5 +66,6 @@ def conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
         padding=_PAD3 if kernel == 3 else "VALID",
         use_bias=False,
         kernel_init=kaiming_normal_fan_out,
+        conv_general_dilated=conv_general_dilated,  # fast gradients inside loops (conv_op.py)
         name=name,
     )

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from abd_jax.models.conv_op import conv_general_dilated
 from abd_jax.models.initializers import batch_norm, torch_default_bias, torch_default_kernel
 
 # (conv widths, dropout rate) per stage; each stage ends with a 2x2 max-pool.
@@ -51,6 +52,7 @@ class SmallVGG(nn.Module):
                     padding=((1, 1), (1, 1)),
                     kernel_init=torch_default_kernel,  # the reference keeps PyTorch's defaults
                     bias_init=torch_default_bias(fan_in),
+                    conv_general_dilated=conv_general_dilated,
                     name=f"conv{idx}",
                 )(x)
                 x = nn.elu(batch_norm(train, f"bn{idx}")(x))
