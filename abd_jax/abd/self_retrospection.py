@@ -44,6 +44,7 @@ from flax import linen as nn
 
 from abd_jax.hypergrad import fixed_point_hypergrad
 from abd_jax.losses import kl_elementwise
+from abd_jax.models.conv_op import loop_friendly_convs
 from abd_jax.optim import make_optimizer
 
 PyTree = Any
@@ -145,7 +146,10 @@ def synthesize_trigger(
         return optax.apply_updates(delta, updates), opt_state
 
     delta = jnp.zeros((1, *x.shape[1:]), x.dtype)
-    delta, _ = jax.lax.fori_loop(0, rounds, body, (delta, opt.init(delta)))
+    # The rounds are a loop; convolution gradients in loops need the loop-friendly VJP on
+    # XLA:CPU (abd_jax/models/conv_op.py: ~10x on this machine), a no-op elsewhere in value.
+    with loop_friendly_convs():
+        delta, _ = jax.lax.fori_loop(0, rounds, body, (delta, opt.init(delta)))
     return jax.lax.stop_gradient(delta)
 
 
@@ -228,15 +232,16 @@ def sr_grads(
             clean = jax.lax.stop_gradient(clean)
         return kl(clean, logits(p, perturb_subset(key, x, d, portion)))
 
-    grads, info = fixed_point_hypergrad(
-        outer_loss,
-        fixed_point_map,
-        delta,
-        params,
-        iterations=fp_iterations,
-        tol=tol,
-        return_info=True,
-    )
+    with loop_friendly_convs():  # the fixed-point iterations are a loop (see synthesize_trigger)
+        grads, info = fixed_point_hypergrad(
+            outer_loss,
+            fixed_point_map,
+            delta,
+            params,
+            iterations=fp_iterations,
+            tol=tol,
+            return_info=True,
+        )
     metrics = {
         "sr_outer_loss": info["outer_loss"],
         "sr_delta_norm": jnp.sqrt(jnp.sum(jnp.square(delta))),

@@ -24,10 +24,14 @@ Metrics = dict[str, jax.Array]
 GeneratorPenalty = Callable[..., tuple[jax.Array, Metrics]]
 # (teacher_logits [B,C], x[, hook_state]) -> [B] signed per-sample weights for the KD loss (OOD-KD)
 SampleWeights = Callable[..., jax.Array]
-# (student_variables, teacher_variables, x, key) -> gradient pytree like the student's params
-# (Self-Retrospection; the teacher's variables are passed because the trigger model is the teacher
-# by default, spec 4.1, and a hook must not close over arrays that jit would embed as constants)
-StudentExtraGrads = Callable[[Any, Any, jax.Array, jax.Array], Any]
+# (student_variables, teacher_variables, x, key, prepared) -> gradient pytree like the student's
+# params (Self-Retrospection; the teacher's variables are passed because the trigger model is the
+# teacher by default, spec 4.1, and a hook must not close over arrays that jit would embed as
+# constants). `prepared` is what `student_sr_prepare` returned for this x, or None without one.
+StudentExtraGrads = Callable[[Any, Any, jax.Array, jax.Array, Any], Any]
+# (teacher_variables, x) -> anything the SR gradient needs that depends on the images only (the
+# teacher-synthesized trigger): computed once per image batch, not once per student step.
+StudentSRPrepare = Callable[[Any, jax.Array], Any]
 
 
 class DFKDHooks(NamedTuple):
@@ -36,8 +40,12 @@ class DFKDHooks(NamedTuple):
     generator_penalty: added to the generator / inversion loss (Shuffling Vaccine, spec 3.3).
     sample_weights: per-sample weights of the KD loss (Shuffling Vaccine in OOD-KD, spec 3.3).
     student_sr: an extra gradient for each student step (Self-Retrospection, spec 4.1); the method
-      hands it to the student optimizer as `sr_grad_fn`, which an `abd.self_retrospection`
-      transform adds to the KD gradient and any other transform ignores.
+      hands it to the student optimizer as `sr_grads` (or, to skip the work while SR is off, as
+      `sr_grad_fn`), which an `abd.self_retrospection` transform adds to the KD gradient and any
+      other transform ignores.
+    student_sr_prepare: the part of `student_sr` that depends only on the images (and the frozen
+      teacher): ZSKT takes 10 student steps on one image batch, so it runs this once per
+      pseudo-batch and hands the result to every `student_sr` call of that batch.
 
     A hook whose behaviour depends on state that changes during a run (the vaccine's shuffled
     copies and coefficient) receives it as a trailing `hook_state` argument: the method carries
@@ -48,6 +56,7 @@ class DFKDHooks(NamedTuple):
     generator_penalty: GeneratorPenalty | None = None
     sample_weights: SampleWeights | None = None
     student_sr: StudentExtraGrads | None = None
+    student_sr_prepare: StudentSRPrepare | None = None
 
 
 def with_hook_state(hook_state: Any) -> tuple[Any, ...]:

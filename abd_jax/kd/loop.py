@@ -26,6 +26,8 @@ def run_steps(
     desc: str = "distill",
     start_step: int = 0,
     on_eval: Callable[[int, PyTree, dict[str, float]], None] | None = None,
+    jit_step: bool = True,
+    on_step: Callable[[int, PyTree], None] | None = None,
 ) -> tuple[PyTree, list[dict[str, float]]]:
     """Runs `state = step_fn(state, const)` for steps start_step..num_steps-1.
 
@@ -35,11 +37,13 @@ def run_steps(
         argument rather than closed over so XLA does not embed it as a constant.
       evaluate: returns {"acc", "asr", ...} for a state; run every `eval_every` steps and at the end.
       on_eval: called after each evaluation (checkpointing, plotting).
+      jit_step: False for a step that compiles its own pieces (ZSKT's fuse="host").
+      on_step: called as on_step(i, state) after step i (0-based), e.g. to pool samples.
 
     Returns:
       (final state, history of evaluations, each with "step" and the training losses).
     """
-    jitted = jax.jit(step_fn, donate_argnums=(0,))
+    jitted = jax.jit(step_fn, donate_argnums=(0,)) if jit_step else step_fn
     # Donation needs every leaf in its own buffer; states built from one key can alias leaves.
     state = jax.tree.map(jnp.copy, state)
     history: list[dict[str, float]] = []
@@ -47,6 +51,8 @@ def run_steps(
         bar.update(start_step)
         for i in range(start_step, num_steps):
             state, metrics = jitted(state, const)
+            if on_step is not None:
+                on_step(i, state)
             bar.update(1)
             last = i + 1 == num_steps
             if evaluate is not None and ((eval_every and (i + 1) % eval_every == 0) or last):

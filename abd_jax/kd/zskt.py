@@ -67,11 +67,17 @@ def make_pseudo_batch(
       hooks: ABD extension points; `generator_penalty` is added to the generator loss (spec 3.3).
       fuse: "unroll" (a Python loop inside the one jit) or "scan" (`lax.scan` with `scan_unroll`).
         On XLA:CPU the scan measured far slower (see docs/PERFORMANCE.md); unroll is the default.
+        "host": the generator half and one student step are jitted separately and the pseudo-
+        batch is a Python loop over them (the returned function is then already compiled piece
+        by piece: call it without jax.jit). For heavy student steps (Self-Retrospection) it
+        compiles one student step instead of ten at no measurable dispatch cost.
       recompute: recompute G(z) and the teacher outputs before every student step (reference
         behaviour; slower, same result).
     """
-    if fuse not in ("unroll", "scan"):
-        raise ValueError(f"fuse must be 'unroll' or 'scan', got {fuse!r}")
+    if fuse not in ("unroll", "scan", "host"):
+        raise ValueError(f"fuse must be 'unroll', 'scan' or 'host', got {fuse!r}")
+    if fuse == "host" and recompute:
+        raise ValueError("recompute=True needs fuse='unroll'")
 
     def teacher_out(teacher_vars: PyTree, x: jax.Array):
         return teacher.apply(teacher_vars, x, train=False)
@@ -105,7 +111,7 @@ def make_pseudo_batch(
         return x, t_logits, t_feats
 
     def student_step(s_state: TrainState, x: jax.Array, t_logits: jax.Array, t_feats, key: jax.Array,
-                     teacher_vars: PyTree):
+                     teacher_vars: PyTree, prepared: Any = None):
         def loss_fn(params):
             (s_logits, s_feats), stats = forward(student, s_state.replace(params=params), x, train=True)
             loss, parts = kd_loss(t_logits, t_feats, s_logits, s_feats, temperature=temperature, beta=beta)
@@ -116,10 +122,14 @@ def make_pseudo_batch(
         if hooks.student_sr is not None:  # Self-Retrospection: an extra gradient, spec 4.1
             k_sr = jax.random.fold_in(key, s_state.step)
             bs = s_state.batch_stats
-            extra["sr_grad_fn"] = lambda p: hooks.student_sr({"params": p, "batch_stats": bs}, teacher_vars, x, k_sr)
+            # Computed here and passed as `sr_grads`, not as `sr_grad_fn`: a built SR phase always
+            # runs SR, and the transform's lax.cond around `sr_grad_fn` made the same work 7x
+            # slower on XLA:CPU (docs/ABD_SR.md, "Speed").
+            extra["sr_grads"] = hooks.student_sr({"params": s_state.params, "batch_stats": bs}, teacher_vars, x,
+                                                 k_sr, prepared)
         return apply_gradients(s_state, student_tx, grads, stats, **extra), {"loss_s": loss, **parts}
 
-    def pseudo_batch(state: ZSKTState, teacher_vars: PyTree) -> tuple[ZSKTState, Metrics]:
+    def generator_half(state: ZSKTState, teacher_vars: PyTree):
         key = jax.random.fold_in(state.key, state.step)
         k_z, k_pen = jax.random.split(key)
         k_sr = jax.random.fold_in(key, 1)  # separate stream, so vanilla runs keep their z and keys
@@ -128,23 +138,41 @@ def make_pseudo_batch(
         for _ in range(n_generator_steps):
             state, metrics = generator_step(state, teacher_vars, z, k_pen)
         x, t_logits, t_feats = images_and_targets(state, teacher_vars, z)
+        # What SR needs from the images alone (its teacher trigger), once for the 10 student steps.
+        prepared = hooks.student_sr_prepare(teacher_vars, x) if hooks.student_sr_prepare else None
+        return state, z, (x, t_logits, t_feats, prepared), k_sr, metrics
 
+    def pseudo_batch(state: ZSKTState, teacher_vars: PyTree) -> tuple[ZSKTState, Metrics]:
+        state, z, (x, t_logits, t_feats, prepared), k_sr, metrics = generator_half(state, teacher_vars)
         s_state = state.student
         if fuse == "unroll" or recompute:
             s_metrics: Metrics = {}
             for _ in range(n_student_steps):
                 if recompute:
                     x, t_logits, t_feats = images_and_targets(state, teacher_vars, z)
-                s_state, s_metrics = student_step(s_state, x, t_logits, t_feats, k_sr, teacher_vars)
+                s_state, s_metrics = student_step(s_state, x, t_logits, t_feats, k_sr, teacher_vars, prepared)
         else:
             def body(carry: TrainState, _):
-                return student_step(carry, x, t_logits, t_feats, k_sr, teacher_vars)
+                return student_step(carry, x, t_logits, t_feats, k_sr, teacher_vars, prepared)
 
             s_state, stacked = jax.lax.scan(body, s_state, None, length=n_student_steps, unroll=scan_unroll)
             s_metrics = jax.tree.map(lambda v: v[-1], stacked)
 
         state = state.replace(student=s_state, step=state.step + 1)
         return state, {**metrics, **s_metrics}
+
+    if fuse == "host":
+        jit_generator_half = jax.jit(generator_half, donate_argnums=(0,))
+        jit_student_step = jax.jit(student_step, donate_argnums=(0,))
+
+        def pseudo_batch_host(state: ZSKTState, teacher_vars: PyTree) -> tuple[ZSKTState, Metrics]:
+            state, _, (x, t_logits, t_feats, prepared), k_sr, metrics = jit_generator_half(state, teacher_vars)
+            s_state, s_metrics = state.student, {}
+            for _ in range(n_student_steps):
+                s_state, s_metrics = jit_student_step(s_state, x, t_logits, t_feats, k_sr, teacher_vars, prepared)
+            return state.replace(student=s_state, step=state.step + 1), {**metrics, **s_metrics}
+
+        return pseudo_batch_host
 
     return pseudo_batch
 
