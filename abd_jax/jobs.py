@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
+from abd_jax.abd.shuffle_vaccine import summarize_reports
 from abd_jax.checkpoint import CheckpointError, load_teacher, read_teacher_meta, save_teacher
 from abd_jax.data import load_dataset
 from abd_jax.kd.clean import distill_clean
 from abd_jax.kd.zskt_train import ZSKTConfig, distill_zskt, distill_zskt_branches
 from abd_jax.pipeline import EvalSets, evaluator, make_eval_sets, poison, train_classifier
-from abd_jax.report import markdown_table, plot_curves, save_image_grid, write_json, write_text
+from abd_jax.report import markdown_table, plot_curves, plot_histograms, save_image_grid, write_json, write_text
 from abd_jax.attacks import make_trigger
 
 PCT = ("acc", "asr", "clean_target_rate")
@@ -136,7 +138,30 @@ def save_zskt_result(out: Path, res, cfg, dataset, name: str) -> dict[str, Any]:
     plot_curves(out / "curves.png", _curves(res.history, "step"), xlabel="pseudo-batch",
                 title=f"{name}: student {cfg.zskt.student}")
     save_image_grid(out / "samples.png", res.samples)
+    if res.suspicion is not None:
+        save_suspicion_report(out, res.suspicion, name)
+    if res.sv_verification is not None:
+        write_json(out / "sv_verification.json", res.sv_verification)
     return {**final, "s_per_pseudo_batch": round(res.seconds_per_step, 3)}
+
+
+def save_suspicion_report(out: Path, reports: dict[str, dict[str, np.ndarray]], name: str) -> None:
+    """suspicion.npz (per sample: teacher_pred, shuffled_pred, divergence, mask, per batch),
+    suspicion.json (flagged % and mean log10 divergences per batch) and suspicion.png (the
+    divergence distributions of flagged and unflagged samples)."""
+    np.savez(out / "suspicion.npz", **{f"{batch}/{field}": v for batch, r in reports.items() for field, v in r.items()})
+    write_json(out / "suspicion.json", summarize_reports(reports))
+    def log_kl(r, keep=None):
+        d = r["divergence"] if keep is None else r["divergence"][keep]
+        return np.log10(np.maximum(d, 1e-30))
+
+    series = {f"{batch} (all)": log_kl(r) for batch, r in reports.items() if batch != "synthetic"}
+    if "synthetic" in reports:
+        syn = reports["synthetic"]
+        series = {"synthetic flagged": log_kl(syn, syn["mask"]), "synthetic unflagged": log_kl(syn, ~syn["mask"]),
+                  **series}
+    plot_histograms(out / "suspicion.png", series, xlabel="log10 KL(teacher || shuffled) / C",
+                    title=f"{name}: what the vaccine flags")
 
 
 def run_zskt(cfg, workdir: str | Path, *, name: str = "zskt", dataset=None, eval_sets: EvalSets | None = None,

@@ -85,6 +85,39 @@ def plot_curves(
     plt.close(fig)
 
 
+def plot_histograms(
+    path: str | Path,
+    series: Mapping[str, np.ndarray],
+    *,
+    xlabel: str,
+    title: str = "",
+    bins: int = 40,
+) -> None:
+    """Overlaid histograms (density) of named 1-D arrays into a PNG; empty arrays are skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    finite = [np.asarray(v)[np.isfinite(v)] for v in series.values()]
+    values = np.concatenate([v for v in finite if v.size]) if any(v.size for v in finite) else np.zeros(1)
+    edges = np.histogram_bin_edges(values, bins=bins)
+    for (name, _), v in zip(series.items(), finite):
+        if v.size:
+            ax.hist(v, bins=edges, alpha=0.5, density=True, label=f"{name} (n={v.size})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def save_image_grid(path: str | Path, images: np.ndarray, ncol: int = 8, scale: int = 3) -> None:
     """Saves uint8 images [N, H, W, C] as one PNG grid (nearest-neighbour upscaled)."""
     from PIL import Image

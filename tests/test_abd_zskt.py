@@ -7,6 +7,7 @@ import dataclasses
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from abd_jax.abd.self_retrospection import set_sr_coef
@@ -70,3 +71,59 @@ def test_sr_zero_coef_equals_plain_resume_and_nonzero_differs(setup):
     s_plain, _ = plain(plain_state, tvars)
     chex.assert_trees_all_close(s_off.student.params, s_plain.student.params, rtol=1e-6, atol=1e-7)
     assert _changed(s_off.student.params, s_on.student.params)
+
+
+def test_sr_prepared_teacher_trigger_equals_one_call_retrospect(setup):
+    """ZSKT synthesizes the teacher's trigger once per pseudo-batch (`student_sr_prepare`) and
+    reuses it for the 10 student steps; that must equal `retrospect` synthesizing it per step."""
+    from abd_jax.abd.self_retrospection import retrospect, train_mode_apply
+    from abd_jax.kd.zskt_train import sr_hook
+
+    ds, teacher, tvars = setup
+    student, _, state, _ = build_zskt(teacher, ds, CFG, seed=0, teacher_vars=tvars)
+    student_sr, prepare = sr_hook(teacher, student, CFG)
+    assert prepare is not None
+    x = jax.random.normal(jax.random.key(5), (CFG.batch_size, *ds.image_shape))
+    key = jax.random.key(6)
+    s_vars = state.student.variables
+    split = jax.jit(lambda v, t, x: student_sr(v, t, x, key, prepare(t, x)))(s_vars, tvars, x)
+
+    def one_call(v, t, x):
+        return retrospect(train_mode_apply(student), v, x, key,
+                          trigger_logits_fn=lambda i: teacher.apply(t, i, train=False)[0],
+                          rounds=CFG.sr_rounds, pert_lr=CFG.sr_pert_lr, trigger_l2=CFG.sr_l2,
+                          portion=CFG.sr_portion, fp_iterations=CFG.sr_fp_iterations, l2=CFG.sr_l2,
+                          temperature=CFG.temperature)[0]
+
+    whole = jax.jit(one_call)(s_vars, tvars, x)
+    chex.assert_trees_all_close(split, whole, rtol=1e-5, atol=1e-7)
+    # With the student as trigger model there is nothing to prepare.
+    assert sr_hook(teacher, student, dataclasses.replace(CFG, sr_trigger_model="student"))[1] is None
+
+
+def test_sv_verification_and_suspicion_report_in_a_run(setup):
+    """A ZSKT+SV run with verification (spec 3.4): warm-up with SV off, then the tail-ratio test
+    decides the coefficient; the run ends with a per-sample suspicion report."""
+    from abd_jax.attacks import make_trigger
+    from abd_jax.kd.zskt_train import distill_zskt_branches
+    from abd_jax.pipeline import make_eval_sets
+
+    ds, teacher, tvars = setup
+    eval_sets = make_eval_sets(ds, make_trigger("badnets_grid", ds.image_shape[0]), 0)
+    cfg = dataclasses.replace(CFG, sv=True, sv_verify_after=3, sr_pseudo_batches=0)
+    res = distill_zskt_branches(teacher, tvars, ds, eval_sets, cfg, endings=("plain",))["plain"]
+    log = res.sv_verification
+    assert 1 <= len(log) <= 8 and all({"tail_ratio", "passed", "n"} <= set(r) for r in log)
+    assert log[0]["n"] == CFG.batch_size  # pooled after pseudo-batch 2 (index >= min(11, P - 1))
+    sv = res.state.hook_state
+    assert bool(sv.tested) and int(sv.trials) == len(log)
+    # Passed: SV on at its preset; failed all 8 shuffles: off for good (spec 3.4 step 3).
+    assert float(sv.coef) == (CFG.sv_coef if log[-1]["passed"] else 0.0)
+    assert [r["step"] for r in res.history][-1] == cfg.pseudo_batches
+    rep = res.suspicion
+    assert set(rep) == {"synthetic", "clean_test", "triggered_test"}
+    assert rep["synthetic"]["mask"].shape == (256,)
+    assert rep["clean_test"]["divergence"].shape == (len(eval_sets.x_test),)
+    for r in rep.values():
+        assert r["mask"].dtype == bool and np.all(np.isfinite(r["divergence"]))
+        np.testing.assert_array_equal(r["mask"], r["teacher_pred"] == r["shuffled_pred"])

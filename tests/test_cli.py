@@ -46,6 +46,11 @@ def test_quickstart_smoke_with_abd_rows_and_teacher_reuse(tmp_path):
     for row in [res["teacher"], *res["rows"].values()]:
         assert _finite({k: row[k] for k in ("acc", "asr")})
     assert "| Teacher |" in r.stdout and "| zskt+abd |" in r.stdout
+    for row in ("zskt+sv", "zskt+abd"):  # the per-sample suspicion report of each SV run
+        summary = json.loads((tmp_path / row / "suspicion.json").read_text())
+        assert set(summary) == {"synthetic", "clean_test", "triggered_test"}
+        assert (tmp_path / row / "suspicion.npz").exists() and (tmp_path / row / "suspicion.png").exists()
+    assert not (tmp_path / "zskt" / "suspicion.json").exists()
     sr_hist = json.loads((tmp_path / "zskt+abd" / "history.json").read_text())
     assert sr_hist[-1].get("sr") == 1.0 and sr_hist[-1]["step"] == 2
     # Same config again: the teacher is reused, not retrained.

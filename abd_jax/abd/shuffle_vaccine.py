@@ -532,3 +532,47 @@ def suspicion_report(
         "divergence": np.asarray(d, np.float32),
         "mask": np.asarray(mask > 0),
     }
+
+
+def suspicion_reports(
+    model: nn.Module,
+    teacher_variables: Mapping[str, Any],
+    sv: ShuffleVaccine,
+    batches: Mapping[str, np.ndarray | jax.Array],
+    *,
+    batch_size: int = 512,
+) -> dict[str, dict[str, np.ndarray]]:
+    """`suspicion_report` of the teacher vs its shuffled copies on each named batch of normalized
+    images (e.g. synthetic samples, clean test images, triggered test images), so a user can see
+    what the vaccine flags. Returns {name: {teacher_pred, shuffled_pred, divergence, mask}}."""
+
+    @jax.jit
+    def logits(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        t = _logits(model.apply(teacher_variables, x, train=False))
+        return t, ensemble_logits(model, sv.params, sv.batch_stats, x)
+
+    out = {}
+    for name, x in batches.items():
+        parts = [logits(jnp.asarray(x[i : i + batch_size])) for i in range(0, len(x), batch_size)]
+        t = jnp.concatenate([p[0] for p in parts])
+        sh = jnp.concatenate([p[1] for p in parts])
+        out[name] = suspicion_report(t, sh)
+    return out
+
+
+def summarize_reports(reports: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, dict[str, float]]:
+    """Per batch: n, flagged fraction (%), and the mean log10 divergence of flagged / unflagged."""
+
+    def mean_log(d: np.ndarray) -> float | None:
+        return float(np.mean(np.log10(np.maximum(d, 1e-30)))) if d.size else None
+
+    summary = {}
+    for name, r in reports.items():
+        m, d = r["mask"], r["divergence"].astype(np.float64)
+        summary[name] = {
+            "n": int(m.size),
+            "flagged_pct": round(100.0 * float(np.mean(m)), 2) if m.size else 0.0,
+            "mean_log10_kl_flagged": mean_log(d[m]),
+            "mean_log10_kl_unflagged": mean_log(d[~m]),
+        }
+    return summary

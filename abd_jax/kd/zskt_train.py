@@ -16,9 +16,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from abd_jax.abd.self_retrospection import retrospect, sr_resume_optimizer, train_mode_apply
-from abd_jax.abd.shuffle_vaccine import init_shuffle_vaccine, make_generator_penalty
-from abd_jax.augment import denormalize
+from abd_jax.abd.self_retrospection import (
+    retrospect,
+    sr_grads,
+    sr_resume_optimizer,
+    synthesize_trigger,
+    train_mode_apply,
+)
+from abd_jax.abd.shuffle_vaccine import (
+    init_shuffle_vaccine,
+    make_divergence_fn,
+    make_generator_penalty,
+    suspicion_reports,
+    verify_vaccine,
+)
+from abd_jax.augment import denormalize, normalize
 from abd_jax.data.base import Dataset
 from abd_jax.kd.common import DFKDHooks
 from abd_jax.kd.loop import run_steps
@@ -56,6 +68,11 @@ class ZSKTConfig:
     sv_coef: float = 0.1
     sv_copies: int = 3
     sv_layers: int = 5
+    # Vaccine verification (spec 3.4): 0 keeps SV on from the start (the released ZSKT-CIFAR10
+    # sweep); P > 0 runs P warm-up pseudo-batches with SV off, pools generator samples from
+    # pseudo-batch 11 on, and switches SV on only if a shuffle passes the tail-ratio test
+    # (ZSKT-GTSRB: P = 50).
+    sv_verify_after: int = 0
     # ABD, Self-Retrospection (spec 4): over the last `sr_pseudo_batches`, resumed with a fresh
     # Adam at `sr_resume_lr` (cosine over the remaining pseudo-batches, no clipping), spec 4.2.
     sr_pseudo_batches: int = 0
@@ -67,6 +84,9 @@ class ZSKTConfig:
     sr_portion: float = 0.02
     sr_fp_iterations: int = 5
     sr_trigger_model: str = "teacher"  # the released sweeps; "student" is the poster's story
+    # How the SR phase's pseudo-batch is compiled: "host" jits one SR student step and loops over
+    # it in Python (compiles in ~1/10 of the time of "unroll", same values); see make_pseudo_batch.
+    sr_fuse: str = "host"
 
 
 @dataclasses.dataclass
@@ -76,6 +96,11 @@ class ZSKTResult:
     history: list[dict[str, float]]
     seconds_per_step: float
     samples: np.ndarray  # uint8 [64, H, W, 3] generator samples at the end
+    # With SV: the per-sample suspicion report (teacher vs shuffled copies) on synthetic samples
+    # of the final generator and on the clean / triggered test images; see `sv_report`.
+    suspicion: dict[str, dict[str, np.ndarray]] | None = None
+    # With `sv_verify_after`: one `tail_statistics` record per shuffle tried (spec 3.4).
+    sv_verification: list[dict[str, float]] | None = None
 
 
 def per_pseudo_batch(schedule: optax.Schedule, updates_per_pb: int) -> optax.Schedule:
@@ -88,29 +113,41 @@ def sv_hooks(teacher, teacher_vars: PyTree, cfg: ZSKTConfig, key: jax.Array):
     if not cfg.sv:
         return None, None
     state = init_shuffle_vaccine(key, teacher_vars, coef=cfg.sv_coef, n_copies=cfg.sv_copies,
-                                 n_layers=cfg.sv_layers)
+                                 n_layers=cfg.sv_layers, verify=cfg.sv_verify_after > 0)
     return make_generator_penalty(teacher), state
 
 
 def sr_hook(teacher, student, cfg: ZSKTConfig):
-    """The Self-Retrospection gradient `(student_vars, teacher_vars, x, key) -> grads` (spec 4.1)."""
-    student_apply = train_mode_apply(student)
+    """The Self-Retrospection hooks (spec 4.1): `(student_sr, student_sr_prepare)`.
 
-    def student_sr(student_vars: PyTree, teacher_vars: PyTree, x: jax.Array, key: jax.Array):
-        if cfg.sr_trigger_model == "teacher":
-            trigger_model = lambda inputs: teacher.apply(teacher_vars, inputs, train=False)[0]  # noqa: E731
-        elif cfg.sr_trigger_model == "student":
-            trigger_model = "student"
+    With the teacher as trigger model (the released sweeps) the trigger depends only on the images
+    and the frozen teacher, so `student_sr_prepare` synthesizes it once per pseudo-batch and
+    `student_sr` computes the hypergradient from it on each student step (the same values as
+    synthesizing it on every step, 10x fewer trigger rounds). With the student as trigger model
+    the trigger changes with every student update and is synthesized inside `student_sr`.
+    """
+    if cfg.sr_trigger_model not in ("teacher", "student"):
+        raise ValueError(f"sr_trigger_model must be 'teacher' or 'student', got {cfg.sr_trigger_model!r}")
+    student_apply = train_mode_apply(student)
+    kw = dict(portion=cfg.sr_portion, fp_iterations=cfg.sr_fp_iterations, l2=cfg.sr_l2,
+              temperature=cfg.temperature)
+
+    def prepare(teacher_vars: PyTree, x: jax.Array) -> jax.Array:
+        def teacher_logits(inputs):
+            return teacher.apply(teacher_vars, inputs, train=False)[0]
+
+        return synthesize_trigger(teacher_logits, x, rounds=cfg.sr_rounds, lr=cfg.sr_pert_lr, l2=cfg.sr_l2,
+                                  temperature=cfg.temperature)
+
+    def student_sr(student_vars: PyTree, teacher_vars: PyTree, x: jax.Array, key: jax.Array, delta=None):
+        if delta is None:  # the student synthesizes its own trigger
+            grads, _ = retrospect(student_apply, student_vars, x, key, trigger_logits_fn="student",
+                                  rounds=cfg.sr_rounds, pert_lr=cfg.sr_pert_lr, trigger_l2=cfg.sr_l2, **kw)
         else:
-            raise ValueError(f"sr_trigger_model must be 'teacher' or 'student', got {cfg.sr_trigger_model!r}")
-        grads, _ = retrospect(
-            student_apply, student_vars, x, key, trigger_logits_fn=trigger_model, rounds=cfg.sr_rounds,
-            pert_lr=cfg.sr_pert_lr, trigger_l2=cfg.sr_l2, portion=cfg.sr_portion,
-            fp_iterations=cfg.sr_fp_iterations, l2=cfg.sr_l2, temperature=cfg.temperature,
-        )
+            grads, _ = sr_grads(student_apply, student_vars, x, delta, key, **kw)
         return grads
 
-    return student_sr
+    return student_sr, (prepare if cfg.sr_trigger_model == "teacher" else None)
 
 
 def _lr(cfg: ZSKTConfig, base: float, updates_per_pb: int):
@@ -157,24 +194,68 @@ def build_zskt(teacher, dataset: Dataset, cfg: ZSKTConfig, seed: int, hooks: DFK
     return student, generator, state, step
 
 
-def _pseudo_batch_fn(teacher, student, generator, s_tx, g_tx, cfg: ZSKTConfig, hooks: DFKDHooks):
+def _pseudo_batch_fn(teacher, student, generator, s_tx, g_tx, cfg: ZSKTConfig, hooks: DFKDHooks,
+                     fuse: str | None = None):
     return make_pseudo_batch(
         teacher, student, generator, s_tx, g_tx, batch_size=cfg.batch_size, z_dim=cfg.z_dim,
         n_student_steps=cfg.n_student_steps, temperature=cfg.temperature, beta=cfg.beta,
-        hooks=hooks, fuse=cfg.fuse, scan_unroll=cfg.scan_unroll,
+        hooks=hooks, fuse=fuse or cfg.fuse, scan_unroll=cfg.scan_unroll,
     )
 
 
 def sr_phase(teacher, student, generator, state: ZSKTState, cfg: ZSKTConfig, hooks: DFKDHooks):
     """The SR resume of spec 4.2: the student gets a fresh `self_retrospection` + Adam optimizer
     (cosine from `sr_resume_lr` over the remaining pseudo-batches, no clipping); the generator,
-    its optimizer and schedule, and the vaccine state carry on. Returns (state, pseudo_batch fn)."""
+    its optimizer and schedule, and the vaccine state carry on. Returns (state, pseudo_batch fn);
+    with `cfg.sr_fuse == "host"` the function compiles its own pieces (do not wrap it in jax.jit)."""
     s_tx = sr_resume_optimizer(cfg.sr_resume_lr, cfg.sr_pseudo_batches,
                                updates_per_step=cfg.n_student_steps, coef=cfg.sr_coef)
     student_state = state.student.replace(opt_state=s_tx.init(state.student.params))
     g_tx = _generator_tx(cfg)  # the same transformation as before the resume: its state carries on
-    hooks = hooks._replace(student_sr=sr_hook(teacher, student, cfg))
-    return state.replace(student=student_state), _pseudo_batch_fn(teacher, student, generator, s_tx, g_tx, cfg, hooks)
+    student_sr, prepare = sr_hook(teacher, student, cfg)
+    hooks = hooks._replace(student_sr=student_sr, student_sr_prepare=prepare)
+    step = _pseudo_batch_fn(teacher, student, generator, s_tx, g_tx, cfg, hooks, fuse=cfg.sr_fuse)
+    return state.replace(student=student_state), step
+
+
+def sv_report(teacher, teacher_vars: PyTree, generator, state: ZSKTState, dataset: Dataset,
+              eval_sets: EvalSets, cfg: ZSKTConfig, key: jax.Array, n_synthetic: int = 256):
+    """What the vaccine flags at the end of an SV run (`suspicion_reports`): 256 fresh synthetic
+    samples (the data SV acts on) and, for diagnosis only, the clean and triggered test images
+    (which a defender would not have; the reference logs the same at start-up, spec 3.4)."""
+    synthetic = sample_images(generator, state.generator, key, n_synthetic, cfg.z_dim)
+    batches = {
+        "synthetic": np.asarray(synthetic),
+        "clean_test": np.asarray(normalize(eval_sets.x_test, dataset.mean, dataset.std)),
+        "triggered_test": np.asarray(normalize(eval_sets.x_triggered, dataset.mean, dataset.std)),
+    }
+    return suspicion_reports(teacher, teacher_vars, state.hook_state, batches)
+
+
+def _warm_up_and_verify(step, state: ZSKTState, teacher, teacher_vars: PyTree, generator, cfg: ZSKTConfig,
+                        key: jax.Array, run_kwargs: dict):
+    """Spec 3.4 in ZSKT: P = `sv_verify_after` pseudo-batches with SV off (coef 0), pooling one
+    batch of generator samples after each pseudo-batch from the 11th on (the reference pools the
+    pseudo-batch's own images, 11 identical copies each; a fresh z from the same generator is the
+    same distribution, and duplicates do not change the tail ratio), then `verify_vaccine`.
+    Returns (state with the verified vaccine, warm-up evaluation history, per-trial log)."""
+    first_pooled = min(11, cfg.sv_verify_after - 1)
+    pool_x, pool_t = [], []
+    sample = jax.jit(lambda g, k: sample_images(generator, g, k, cfg.batch_size, cfg.z_dim))
+    t_logits = jax.jit(lambda tv, x: teacher.apply(tv, x, train=False)[0])
+
+    def collect(i: int, s: ZSKTState) -> None:
+        if i >= first_pooled:
+            x = sample(s.generator, jax.random.fold_in(key, i))
+            pool_x.append(np.asarray(x))
+            pool_t.append(np.asarray(t_logits(teacher_vars, x)))
+
+    state, history = run_steps(step, state, teacher_vars, num_steps=cfg.sv_verify_after, on_step=collect,
+                               **run_kwargs)
+    divergence = jax.jit(make_divergence_fn(teacher))
+    sv, log = verify_vaccine(jax.random.fold_in(key, -1), divergence, np.concatenate(pool_x),
+                             np.concatenate(pool_t), state.hook_state, n_layers=cfg.sv_layers)
+    return state.replace(hook_state=sv), history, log
 
 
 def samples_to_pixels(x: jax.Array, mean, std) -> np.ndarray:
@@ -233,8 +314,17 @@ def distill_zskt_branches(
     evaluate = lambda s: ev(s.student.variables)  # noqa: E731
     main_steps = cfg.pseudo_batches - cfg.sr_pseudo_batches
     t0 = time.perf_counter()
-    state, history = run_steps(step, state, teacher_vars, num_steps=main_steps, evaluate=evaluate,
-                               eval_every=eval_every, desc=desc, on_eval=on_eval)
+    run_kwargs = dict(evaluate=evaluate, eval_every=eval_every, desc=desc, on_eval=on_eval)
+    history, verification, start = [], None, 0
+    if cfg.sv and cfg.sv_verify_after > 0:
+        if not 1 < cfg.sv_verify_after <= main_steps:
+            raise ValueError(f"sv_verify_after must be in [2, {main_steps}] (the pseudo-batches before SR), "
+                             f"got {cfg.sv_verify_after}")
+        state, history, verification = _warm_up_and_verify(step, state, teacher, teacher_vars, generator, cfg,
+                                                           jax.random.key(seed + 3), run_kwargs)
+        start = cfg.sv_verify_after
+    state, more = run_steps(step, state, teacher_vars, num_steps=main_steps, start_step=start, **run_kwargs)
+    history = history + more
     main_s = time.perf_counter() - t0
     results = {}
     for ending in endings:
@@ -250,10 +340,12 @@ def distill_zskt_branches(
             end_state, end_history = run_steps(
                 sr_step, end_state, teacher_vars, num_steps=cfg.pseudo_batches, start_step=main_steps,
                 evaluate=evaluate, eval_every=max(min(eval_every, cfg.sr_pseudo_batches // 2), 1),
-                desc=f"{desc} (SR)", on_eval=on_eval)
+                desc=f"{desc} (SR)", on_eval=on_eval, jit_step=cfg.sr_fuse != "host")
             end_history = [{**h, "sr": 1.0} for h in end_history]
         seconds = (main_s + time.perf_counter() - t1) / max(cfg.pseudo_batches, 1)
         x = sample_images(generator, end_state.generator, jax.random.key(seed + 1), 64, cfg.z_dim)
+        report = (sv_report(teacher, teacher_vars, generator, end_state, dataset, eval_sets, cfg,
+                            jax.random.key(seed + 2)) if cfg.sv else None)
         results[ending] = ZSKTResult(student, end_state, history + end_history, seconds,
-                                     samples_to_pixels(x, dataset.mean, dataset.std))
+                                     samples_to_pixels(x, dataset.mean, dataset.std), report, verification)
     return results

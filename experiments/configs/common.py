@@ -67,6 +67,7 @@ def zskt_config(pseudo_batches: int = 300) -> ml_collections.ConfigDict:
     c.sv_coef = 0.1
     c.sv_copies = 3
     c.sv_layers = 5
+    c.sv_verify_after = 0  # spec 3.4 verification after P warm-up pseudo-batches; 0 = off (released)
     c.sr_pseudo_batches = 0
     c.sr_coef = 1.0
     c.sr_resume_lr = 5e-4
