@@ -253,7 +253,7 @@ def _warm_up_and_verify(step, state: ZSKTState, teacher, teacher_vars: PyTree, g
     state, history = run_steps(step, state, teacher_vars, num_steps=cfg.sv_verify_after, on_step=collect,
                                **run_kwargs)
     divergence = jax.jit(make_divergence_fn(teacher))
-    sv, log = verify_vaccine(jax.random.fold_in(key, -1), divergence, np.concatenate(pool_x),
+    sv, log = verify_vaccine(jax.random.fold_in(key, cfg.sv_verify_after), divergence, np.concatenate(pool_x),
                              np.concatenate(pool_t), state.hook_state, n_layers=cfg.sv_layers)
     return state.replace(hook_state=sv), history, log
 
