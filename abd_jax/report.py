@@ -63,16 +63,27 @@ def plot_curves(
     title: str = "",
 ) -> None:
     """Line plot of named (x, y) series into a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    fig, ax = _new_axes()
     for name, pts in curves.items():
         if pts:
             xs, ys = zip(*pts)
             ax.plot(xs, ys, label=name, marker="." if len(xs) < 40 else None)
+    _finish(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title)
+
+
+def _new_axes():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed (headless runs)
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6, 3.6), dpi=110)
+
+
+def _finish(fig, ax, path: str | Path, *, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, grid, legend; writes the PNG and closes the figure."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -94,28 +105,14 @@ def plot_histograms(
     bins: int = 40,
 ) -> None:
     """Overlaid histograms (density) of named 1-D arrays into a PNG; empty arrays are skipped."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    fig, ax = _new_axes()
     finite = [np.asarray(v)[np.isfinite(v)] for v in series.values()]
     values = np.concatenate([v for v in finite if v.size]) if any(v.size for v in finite) else np.zeros(1)
     edges = np.histogram_bin_edges(values, bins=bins)
-    for (name, _), v in zip(series.items(), finite):
+    for name, v in zip(series, finite):
         if v.size:
             ax.hist(v, bins=edges, alpha=0.5, density=True, label=f"{name} (n={v.size})")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("density")
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, path, xlabel=xlabel, ylabel="density", title=title)
 
 
 def save_image_grid(path: str | Path, images: np.ndarray, ncol: int = 8, scale: int = 3) -> None:

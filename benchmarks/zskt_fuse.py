@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import time
 
 import jax
@@ -20,6 +19,7 @@ import jax
 from abd_jax.data.embedded import load_digits
 from abd_jax.kd.zskt_train import ZSKTConfig, build_zskt
 from abd_jax.models import get_model, init_model
+from benchmarks.timing import time_repeats
 
 VARIANTS = {"unroll": dict(fuse="unroll"), "scan": dict(fuse="scan", scan_unroll=1),
             "scan_unroll2": dict(fuse="scan", scan_unroll=2), "scan_unroll5": dict(fuse="scan", scan_unroll=5)}
@@ -45,16 +45,9 @@ def main() -> None:
         compile_s = time.perf_counter() - t0
         state, m = compiled(state, tvars)
         jax.block_until_ready(m)
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            state, m = compiled(state, tvars)
-            jax.block_until_ready((state, m))
-            times.append(1000 * (time.perf_counter() - t0))
+        _, timing = time_repeats(compiled, state, tvars, args.repeats)
         row = {"case": f"zskt_pseudo_batch_{name}", "size": args.size, "batch": args.batch,
-               "compile_s": round(compile_s, 2), "median_ms": round(statistics.median(times), 1),
-               "min_ms": round(min(times), 1), "max_ms": round(max(times), 1),
-               "device": jax.devices()[0].device_kind}
+               "compile_s": round(compile_s, 2), **timing, "device": jax.devices()[0].device_kind}
         print(json.dumps(row) if args.json else
               f"{name:14s} compile {compile_s:6.1f} s   median {row['median_ms']:8.1f} ms  "
               f"(min {row['min_ms']:.1f}, max {row['max_ms']:.1f}) on {row['device']}", flush=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import time
 from unittest import mock
@@ -26,6 +25,7 @@ from abd_jax.data.embedded import load_digits
 from abd_jax.kd.common import DFKDHooks
 from abd_jax.kd.zskt_train import ZSKTConfig, build_zskt, sr_phase
 from abd_jax.models import conv_op, get_model, init_model
+from benchmarks.timing import time_repeats
 
 
 def time_case(args, loop_friendly: bool) -> dict:
@@ -45,17 +45,11 @@ def time_case(args, loop_friendly: bool) -> dict:
         state, m = compiled(state, tvars)
         jax.block_until_ready((state, m))
         compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        state, m = compiled(state, tvars)
-        jax.block_until_ready((state, m))
-        times.append(1000 * (time.perf_counter() - t0))
+    _, timing = time_repeats(compiled, state, tvars, args.repeats)
     return {"case": f"zskt_sr_pseudo_batch_loop_friendly_{'on' if loop_friendly else 'off'}",
             "size": args.size, "batch": args.batch, "teacher": args.teacher, "rounds": args.rounds,
             "fp_iterations": args.fp, "fuse": args.fuse, "first_call_s": round(compile_s, 2),
-            "median_ms": round(statistics.median(times), 1), "min_ms": round(min(times), 1),
-            "max_ms": round(max(times), 1), "device": jax.devices()[0].device_kind}
+            **timing, "device": jax.devices()[0].device_kind}
 
 
 def main() -> None:
