@@ -66,7 +66,7 @@ def make_pseudo_batch(
       beta: attention-transfer weight (spec: 250 on CIFAR-10, 0 on GTSRB).
       hooks: ABD extension points; `generator_penalty` is added to the generator loss (spec 3.3).
       fuse: "unroll" (a Python loop inside the one jit) or "scan" (`lax.scan` with `scan_unroll`).
-        On XLA:CPU the scan measured far slower (see docs/PERFORMANCE.md); unroll is the default.
+        On XLA:CPU the scan measured far slower (docs/ZSKT.md, "Fusing"); unroll is the default.
         "host": the generator half and one student step are jitted separately and the pseudo-
         batch is a Python loop over them (the returned function is then already compiled piece
         by piece: call it without jax.jit). For heavy student steps (Self-Retrospection) it
