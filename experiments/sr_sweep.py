@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [{"variant": "plain (no SR)", **plain[-1]}]
     hooks = DFKDHooks()
     if args.sv:
-        from abd_jax.abd.shuffle_vaccine import make_generator_penalty
+        from abd_jax.kd.zskt_train import sv_penalty_hook
 
-        hooks = hooks._replace(generator_penalty=make_generator_penalty(teacher))
+        hooks = hooks._replace(generator_penalty=sv_penalty_hook(teacher))
     for spec in args.variants:
         vc = dataclasses.replace(zc, **parse_variant(spec))
         t0 = time.perf_counter()

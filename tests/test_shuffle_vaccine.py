@@ -157,12 +157,13 @@ def test_ensemble_is_mean_of_copies_and_teacher_unchanged(teacher, vaccine):
                 flat(c)[path], old
             )
     assert not np.array_equal(flat(copies[0])[BLOCK3[0]], flat(copies[1])[BLOCK3[0]])
-    got = ens(model, stacked, variables["batch_stats"], x)
     want = np.mean(
         [apply({"params": c, "batch_stats": variables["batch_stats"]}, x) for c in copies], 0
     )
-    chex.assert_shape(got, (B, C))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for vectorize in (True, False):  # vmap over the copies, or the CPU default's Python loop
+        got = ensemble_logits(model, stacked, variables["batch_stats"], x, vectorize=vectorize)
+        chex.assert_shape(got, (B, C))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------- mask and penalty

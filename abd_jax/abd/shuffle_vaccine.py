@@ -132,7 +132,8 @@ def _logits(out: Any) -> jax.Array:
 
 
 def ensemble_logits(
-    model: nn.Module, stacked_params: PyTree, batch_stats: PyTree, x: jax.Array
+    model: nn.Module, stacked_params: PyTree, batch_stats: PyTree, x: jax.Array,
+    vectorize: bool | None = None,
 ) -> jax.Array:
     """T~(x): the mean of the shuffled copies' logits (spec 3.1, `EnsembleNet`).
 
@@ -144,6 +145,8 @@ def ensemble_logits(
       stacked_params: params with a leading [n_copies] axis (`make_shuffled_ensemble`).
       batch_stats: the teacher's 'batch_stats' collection (no leading axis); {} for BN-free nets.
       x: normalized images [B, H, W, C].
+      vectorize: vmap over the copies (True) or a Python loop (False); None (default) picks the
+        loop on the CPU backend and vmap elsewhere.
     Returns:
       [B, num_classes] mean logits. Differentiable in x.
     """
@@ -152,7 +155,15 @@ def ensemble_logits(
         variables = {"params": p, "batch_stats": batch_stats} if batch_stats else {"params": p}
         return _logits(model.apply(variables, x, train=False))
 
-    return jnp.mean(jax.vmap(one)(stacked_params), axis=0)
+    if vectorize is None:
+        vectorize = jax.default_backend() != "cpu"
+    if vectorize:
+        return jnp.mean(jax.vmap(one)(stacked_params), axis=0)
+    # A Python loop over the (few, static) copies: vmapping a convolution over stacked kernels
+    # makes a grouped convolution, which XLA:CPU ran far slower (the ZSKT+SV pseudo-batch: 2.4 s
+    # with vmap, 1.6 s with the loop, vanilla 1.2 s; docs/ABD_SV.md). Same values.
+    n = jax.tree.leaves(stacked_params)[0].shape[0]
+    return sum(one(jax.tree.map(lambda leaf: leaf[i], stacked_params)) for i in range(n)) / n
 
 
 # --------------------------------------------------------------------------------------------

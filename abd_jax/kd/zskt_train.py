@@ -114,7 +114,15 @@ def sv_hooks(teacher, teacher_vars: PyTree, cfg: ZSKTConfig, key: jax.Array):
         return None, None
     state = init_shuffle_vaccine(key, teacher_vars, coef=cfg.sv_coef, n_copies=cfg.sv_copies,
                                  n_layers=cfg.sv_layers, verify=cfg.sv_verify_after > 0)
-    return make_generator_penalty(teacher), state
+    return sv_penalty_hook(teacher), state
+
+
+def sv_penalty_hook(teacher):
+    """The SV generator penalty for ZSKT, computed without `lax.cond`: under the cond the shuffled
+    ensemble's forward and backward ran at 2.9 s per pseudo-batch on XLA:CPU against about 1.3 s
+    without (docs/ABD_SR.md, "Speed"). With coef = 0 (verification warm-up) the penalty is then
+    computed and multiplied by 0, which leaves the generator's update unchanged."""
+    return make_generator_penalty(teacher, skip_when_off=False)
 
 
 def sr_hook(teacher, student, cfg: ZSKTConfig):
@@ -335,7 +343,7 @@ def distill_zskt_branches(
                 step, state, teacher_vars, num_steps=cfg.pseudo_batches, start_step=main_steps,
                 evaluate=evaluate, eval_every=eval_every, desc=desc, on_eval=on_eval)
         elif ending == "sr" and main_steps < cfg.pseudo_batches:
-            sr_hooks = hooks._replace(generator_penalty=make_generator_penalty(teacher)) if cfg.sv else hooks
+            sr_hooks = hooks._replace(generator_penalty=sv_penalty_hook(teacher)) if cfg.sv else hooks
             end_state, sr_step = sr_phase(teacher, student, generator, state, cfg, sr_hooks)
             end_state, end_history = run_steps(
                 sr_step, end_state, teacher_vars, num_steps=cfg.pseudo_batches, start_step=main_steps,
