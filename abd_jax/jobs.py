@@ -151,6 +151,7 @@ def save_suspicion_report(out: Path, reports: dict[str, dict[str, np.ndarray]], 
     divergence distributions of flagged and unflagged samples)."""
     np.savez(out / "suspicion.npz", **{f"{batch}/{field}": v for batch, r in reports.items() for field, v in r.items()})
     write_json(out / "suspicion.json", summarize_reports(reports))
+
     def log_kl(r, keep=None):
         d = r["divergence"] if keep is None else r["divergence"][keep]
         return np.log10(np.maximum(d, 1e-30))

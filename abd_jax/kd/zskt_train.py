@@ -118,10 +118,11 @@ def sv_hooks(teacher, teacher_vars: PyTree, cfg: ZSKTConfig, key: jax.Array):
 
 
 def sv_penalty_hook(teacher):
-    """The SV generator penalty for ZSKT, computed without `lax.cond`: under the cond the shuffled
-    ensemble's forward and backward ran at 2.9 s per pseudo-batch on XLA:CPU against about 1.3 s
-    without (docs/ABD_SR.md, "Speed"). With coef = 0 (verification warm-up) the penalty is then
-    computed and multiplied by 0, which leaves the generator's update unchanged."""
+    """The SV generator penalty for ZSKT, computed without `lax.cond`: under the cond the ZSKT+SV
+    pseudo-batch ran at 2.9 s on XLA:CPU, without it 2.4 s, and 1.6 s once the ensemble also
+    looped over its copies (docs/ABD_SV.md, "Speed on XLA:CPU"). With coef = 0 (verification
+    warm-up) the penalty is then computed and multiplied by 0, which leaves the generator's update
+    unchanged."""
     return make_generator_penalty(teacher, skip_when_off=False)
 
 
