@@ -101,29 +101,48 @@ def test_sr_prepared_teacher_trigger_equals_one_call_retrospect(setup):
     assert sr_hook(teacher, student, dataclasses.replace(CFG, sr_trigger_model="student"))[1] is None
 
 
-def test_sv_verification_and_suspicion_report_in_a_run(setup):
-    """A ZSKT+SV run with verification (spec 3.4): warm-up with SV off, then the tail-ratio test
-    decides the coefficient; the run ends with a per-sample suspicion report."""
+@pytest.mark.parametrize("threshold", [2.0, -1.0], ids=["vaccine_rejected", "vaccine_accepted"])
+def test_ablation_shares_the_warm_up_and_matches_a_standalone_sv_run(setup, threshold):
+    """`distill_zskt_ablation` with verification runs the SV warm-up (coefficient 0) as the vanilla
+    run's first P pseudo-batches. A tail ratio is at most 1, so threshold 2 rejects every shuffle
+    and -1 accepts the first: either way the SV rows must match a standalone ZSKT+SV run (warm-up
+    with SV off, then the tail-ratio test, spec 3.4), which ends with a suspicion report."""
     from abd_jax.attacks import make_trigger
-    from abd_jax.kd.zskt_train import distill_zskt_branches
+    from abd_jax.kd.zskt_train import distill_zskt_ablation, distill_zskt_branches
     from abd_jax.pipeline import make_eval_sets
 
     ds, teacher, tvars = setup
     eval_sets = make_eval_sets(ds, make_trigger("badnets_grid", ds.image_shape[0]), 0)
-    cfg = dataclasses.replace(CFG, sv=True, sv_verify_after=3, sr_pseudo_batches=0)
-    res = distill_zskt_branches(teacher, tvars, ds, eval_sets, cfg, endings=("plain",))["plain"]
-    log = res.sv_verification
-    assert 1 <= len(log) <= 8 and all({"tail_ratio", "passed", "n"} <= set(r) for r in log)
+    # No SR phase here (it has its own tests): the SR rows are then left out.
+    cfg = dataclasses.replace(CFG, sr_pseudo_batches=0, sv_verify_after=2, sv_verify_threshold=threshold)
+    rows = distill_zskt_ablation(teacher, tvars, ds, eval_sets, cfg)
+    assert set(rows) == {"zskt", "zskt+sv"}
+    accepted = threshold < 0
+    log = rows["zskt+sv"].sv_verification
+    assert [r["passed"] for r in log] == ([True] if accepted else [False] * 8)
     assert log[0]["n"] == CFG.batch_size  # pooled after pseudo-batch 2 (index >= min(11, P - 1))
-    sv = res.state.hook_state
+    sv = rows["zskt+sv"].state.hook_state
     assert bool(sv.tested) and int(sv.trials) == len(log)
     # Passed: SV on at its preset; failed all 8 shuffles: off for good (spec 3.4 step 3).
-    assert float(sv.coef) == (CFG.sv_coef if log[-1]["passed"] else 0.0)
-    assert [r["step"] for r in res.history][-1] == cfg.pseudo_batches
-    rep = res.suspicion
+    assert float(sv.coef) == np.float32(CFG.sv_coef if accepted else 0.0)
+    assert [r["step"] for r in rows["zskt+sv"].history][-1] == cfg.pseudo_batches
+    rep = rows["zskt+sv"].suspicion
     assert set(rep) == {"synthetic", "clean_test", "triggered_test"}
     assert rep["synthetic"]["mask"].shape == (256,)
     assert rep["clean_test"]["divergence"].shape == (len(eval_sets.x_test),)
     for r in rep.values():
         assert r["mask"].dtype == bool and np.all(np.isfinite(r["divergence"]))
         np.testing.assert_array_equal(r["mask"], r["teacher_pred"] == r["shuffled_pred"])
+    assert rows["zskt"].sv_verification is None and rows["zskt"].state.hook_state is None
+    # The shared warm-up: both runs report the same first evaluations.
+    assert rows["zskt+sv"].history[0] == rows["zskt"].history[0]
+    alone = distill_zskt_branches(teacher, tvars, ds, eval_sets, dataclasses.replace(cfg, sv=True),
+                                  endings=("plain",))["plain"]
+    chex.assert_trees_all_close(rows["zskt+sv"].state.student.params, alone.state.student.params,
+                                rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(rows["zskt+sv"].state.generator.params, alone.state.generator.params,
+                                rtol=1e-5, atol=1e-6)
+    if not accepted:  # a rejected vaccine: the SV rows are the vanilla rows
+        chex.assert_trees_all_equal(rows["zskt+sv"].state.student.params, rows["zskt"].state.student.params)
+    else:
+        assert _changed(rows["zskt+sv"].state.generator.params, rows["zskt"].state.generator.params)

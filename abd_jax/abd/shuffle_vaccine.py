@@ -281,12 +281,13 @@ def init_shuffle_vaccine(
     warm-up and `verify_vaccine` later switches it to `coef` or leaves it at 0 (spec 3.4 step 1).
     Otherwise SV is on from the start with lambda = coef (the released ZSKT-CIFAR10 setting).
     """
-    preset = jnp.asarray(coef, jnp.float32)
+    # Fresh buffers throughout: a step that donates its state (ZSKT's fuse="host") must not free
+    # the caller's teacher statistics, and XLA refuses one buffer donated twice (coef, preset).
     return ShuffleVaccine(
         params=make_shuffled_ensemble(key, teacher_variables["params"], n_copies, n_layers),
-        batch_stats=teacher_variables.get("batch_stats", {}),
-        coef=jnp.zeros((), jnp.float32) if verify else preset,
-        preset_coef=preset,
+        batch_stats=jax.tree.map(jnp.copy, teacher_variables.get("batch_stats", {})),
+        coef=jnp.zeros((), jnp.float32) if verify else jnp.full((), coef, jnp.float32),
+        preset_coef=jnp.full((), coef, jnp.float32),
         tested=jnp.asarray(not verify),
         trials=jnp.zeros((), jnp.int32),
     )

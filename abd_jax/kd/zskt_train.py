@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +73,7 @@ class ZSKTConfig:
     # pseudo-batch 11 on, and switches SV on only if a shuffle passes the tail-ratio test
     # (ZSKT-GTSRB: P = 50).
     sv_verify_after: int = 0
+    sv_verify_threshold: float = 0.02  # the tail ratio a shuffle must exceed (spec 3.4 step 3)
     # ABD, Self-Retrospection (spec 4): over the last `sr_pseudo_batches`, resumed with a fresh
     # Adam at `sr_resume_lr` (cosine over the remaining pseudo-batches, no clipping), spec 4.2.
     sr_pseudo_batches: int = 0
@@ -263,7 +264,8 @@ def _warm_up_and_verify(step, state: ZSKTState, teacher, teacher_vars: PyTree, g
                                **run_kwargs)
     divergence = jax.jit(make_divergence_fn(teacher))
     sv, log = verify_vaccine(jax.random.fold_in(key, cfg.sv_verify_after), divergence, np.concatenate(pool_x),
-                             np.concatenate(pool_t), state.hook_state, n_layers=cfg.sv_layers)
+                             np.concatenate(pool_t), state.hook_state, n_layers=cfg.sv_layers,
+                             threshold=cfg.sv_verify_threshold)
     return state.replace(hook_state=sv), history, log
 
 
@@ -312,27 +314,68 @@ def distill_zskt_branches(
     (spec 4.2). Sharing the first N - k pseudo-batches is how the reference's SR job resumes a
     vanilla (or SV) checkpoint, and it halves the cost of reporting both rows.
     """
-    if not 0 <= cfg.sr_pseudo_batches <= cfg.pseudo_batches:
-        raise ValueError(f"sr_pseudo_batches must be in [0, {cfg.pseudo_batches}], got {cfg.sr_pseudo_batches}")
+    _check_sr_length(cfg)
     unknown = set(endings) - {"plain", "sr"}
     if unknown:
         raise ValueError(f"unknown endings {sorted(unknown)}; use 'plain' and/or 'sr'")
     student, generator, state, step = build_zskt(teacher, dataset, cfg, seed, hooks, teacher_vars)
-    ev = evaluator(student, dataset.mean, dataset.std, eval_sets)
-    eval_every = cfg.eval_every or max(cfg.pseudo_batches // 10, 1)
-    evaluate = lambda s: ev(s.student.variables)  # noqa: E731
-    main_steps = cfg.pseudo_batches - cfg.sr_pseudo_batches
+    run = _run_context(teacher, teacher_vars, dataset, eval_sets, cfg, seed, student, generator, hooks, desc, on_eval)
     t0 = time.perf_counter()
-    run_kwargs = dict(evaluate=evaluate, eval_every=eval_every, desc=desc, on_eval=on_eval)
     history, verification, start = [], None, 0
     if cfg.sv and cfg.sv_verify_after > 0:
-        if not 1 < cfg.sv_verify_after <= main_steps:
-            raise ValueError(f"sv_verify_after must be in [2, {main_steps}] (the pseudo-batches before SR), "
-                             f"got {cfg.sv_verify_after}")
         state, history, verification = _warm_up_and_verify(step, state, teacher, teacher_vars, generator, cfg,
-                                                           jax.random.key(seed + 3), run_kwargs)
+                                                           jax.random.key(seed + 3), run.run_kwargs())
         start = cfg.sv_verify_after
-    state, more = run_steps(step, state, teacher_vars, num_steps=main_steps, start_step=start, **run_kwargs)
+    return _finish_branches(run, step, state, history, start, t0, endings, verification)
+
+
+class _RunContext(NamedTuple):
+    """What the pieces of one ZSKT run share (its modules, data, config and reporting)."""
+
+    teacher: Any
+    teacher_vars: PyTree
+    dataset: Dataset
+    eval_sets: EvalSets
+    cfg: ZSKTConfig
+    seed: int
+    student: Any
+    generator: Any
+    hooks: DFKDHooks
+    desc: str
+    on_eval: Callable[[int, ZSKTState, dict[str, float]], None] | None
+    evaluate: Callable[[ZSKTState], dict[str, float]]
+
+    @property
+    def eval_every(self) -> int:
+        return self.cfg.eval_every or max(self.cfg.pseudo_batches // 10, 1)
+
+    def run_kwargs(self) -> dict:
+        return dict(evaluate=self.evaluate, eval_every=self.eval_every, desc=self.desc, on_eval=self.on_eval)
+
+
+def _run_context(teacher, teacher_vars, dataset, eval_sets, cfg, seed, student, generator, hooks, desc,
+                 on_eval) -> _RunContext:
+    ev = evaluator(student, dataset.mean, dataset.std, eval_sets)  # built (and compiled) once per run
+    return _RunContext(teacher, teacher_vars, dataset, eval_sets, cfg, seed, student, generator, hooks, desc,
+                       on_eval, lambda s: ev(s.student.variables))
+
+
+def _check_sr_length(cfg: ZSKTConfig) -> None:
+    if not 0 <= cfg.sr_pseudo_batches <= cfg.pseudo_batches:
+        raise ValueError(f"sr_pseudo_batches must be in [0, {cfg.pseudo_batches}], got {cfg.sr_pseudo_batches}")
+    main_steps = cfg.pseudo_batches - cfg.sr_pseudo_batches
+    if cfg.sv and cfg.sv_verify_after > 0 and not 1 < cfg.sv_verify_after <= main_steps:
+        raise ValueError(f"sv_verify_after must be in [2, {main_steps}] (the pseudo-batches before SR), "
+                         f"got {cfg.sv_verify_after}")
+
+
+def _finish_branches(run: _RunContext, step, state: ZSKTState, history: list[dict], start: int, t0: float,
+                     endings: tuple[str, ...], verification: list[dict] | None) -> dict[str, ZSKTResult]:
+    """Runs pseudo-batches start..N-k-1 with `step`, then each ending over the last k (see
+    `distill_zskt_branches`). `t0` is when the run (including any shared warm-up) started."""
+    cfg, teacher, tv = run.cfg, run.teacher, run.teacher_vars
+    main_steps = cfg.pseudo_batches - cfg.sr_pseudo_batches
+    state, more = run_steps(step, state, tv, num_steps=main_steps, start_step=start, **run.run_kwargs())
     history = history + more
     main_s = time.perf_counter() - t0
     results = {}
@@ -340,21 +383,83 @@ def distill_zskt_branches(
         t1 = time.perf_counter()
         end_state, end_history = state, []
         if ending == "plain" and main_steps < cfg.pseudo_batches:
-            end_state, end_history = run_steps(
-                step, state, teacher_vars, num_steps=cfg.pseudo_batches, start_step=main_steps,
-                evaluate=evaluate, eval_every=eval_every, desc=desc, on_eval=on_eval)
+            end_state, end_history = run_steps(step, state, tv, num_steps=cfg.pseudo_batches, start_step=main_steps,
+                                               **run.run_kwargs())
         elif ending == "sr" and main_steps < cfg.pseudo_batches:
-            sr_hooks = hooks._replace(generator_penalty=sv_penalty_hook(teacher)) if cfg.sv else hooks
-            end_state, sr_step = sr_phase(teacher, student, generator, state, cfg, sr_hooks)
+            sr_hooks = run.hooks._replace(generator_penalty=sv_penalty_hook(teacher)) if cfg.sv else run.hooks
+            end_state, sr_step = sr_phase(teacher, run.student, run.generator, state, cfg, sr_hooks)
             end_state, end_history = run_steps(
-                sr_step, end_state, teacher_vars, num_steps=cfg.pseudo_batches, start_step=main_steps,
-                evaluate=evaluate, eval_every=max(min(eval_every, cfg.sr_pseudo_batches // 2), 1),
-                desc=f"{desc} (SR)", on_eval=on_eval, jit_step=cfg.sr_fuse != "host")
+                sr_step, end_state, tv, num_steps=cfg.pseudo_batches, start_step=main_steps,
+                **{**run.run_kwargs(), "desc": f"{run.desc} (SR)",
+                   "eval_every": max(min(run.eval_every, cfg.sr_pseudo_batches // 2), 1)},
+                jit_step=cfg.sr_fuse != "host")
             end_history = [{**h, "sr": 1.0} for h in end_history]
         seconds = (main_s + time.perf_counter() - t1) / max(cfg.pseudo_batches, 1)
-        x = sample_images(generator, end_state.generator, jax.random.key(seed + 1), 64, cfg.z_dim)
-        report = (sv_report(teacher, teacher_vars, generator, end_state, dataset, eval_sets, cfg,
-                            jax.random.key(seed + 2)) if cfg.sv else None)
-        results[ending] = ZSKTResult(student, end_state, history + end_history, seconds,
-                                     samples_to_pixels(x, dataset.mean, dataset.std), report, verification)
+        results[ending] = _result(run, end_state, history + end_history, seconds, verification)
     return results
+
+
+def _result(run: _RunContext, state: ZSKTState, history: list[dict], seconds: float,
+            verification: list[dict] | None) -> ZSKTResult:
+    """A finished ZSKT row: final samples and, with a vaccine in the state, its suspicion report."""
+    cfg = run.cfg
+    x = sample_images(run.generator, state.generator, jax.random.key(run.seed + 1), 64, cfg.z_dim)
+    report = (sv_report(run.teacher, run.teacher_vars, run.generator, state, run.dataset, run.eval_sets, cfg,
+                        jax.random.key(run.seed + 2)) if state.hook_state is not None else None)
+    return ZSKTResult(run.student, state, history, seconds,
+                      samples_to_pixels(x, run.dataset.mean, run.dataset.std), report, verification)
+
+
+def distill_zskt_ablation(
+    teacher,
+    teacher_vars: PyTree,
+    dataset: Dataset,
+    eval_sets: EvalSets,
+    cfg: ZSKTConfig,
+    *,
+    seed: int = 0,
+    on_eval: Callable[[int, ZSKTState, dict[str, float]], None] | None = None,
+) -> dict[str, ZSKTResult]:
+    """The four ZSKT rows of the ABD ablation (spec 9.4): "zskt", "zskt+sr", "zskt+sv" and
+    "zskt+abd" (`cfg.sv` is ignored; the SR rows only with `cfg.sr_pseudo_batches` > 0, the SR
+    phase length).
+
+    Without verification (`sv_verify_after` = 0) these are two runs, vanilla and SV, each with
+    both endings. With verification the SV run's warm-up has SV off (coefficient 0), so it IS
+    the vanilla run's first P pseudo-batches: both rows share them, with the samples pooled for
+    the tail-ratio test along the way. If the vaccine passes, the SV run goes on from
+    pseudo-batch P with its verified vaccine; if every shuffle fails, SV stays off for good
+    (spec 3.4 step 3), so the SV run would be the vanilla run: its rows are the vanilla rows
+    (same states and histories), with the rejected vaccine's verification log and suspicion
+    report attached. Test: tests/test_abd_zskt.py checks both cases against a standalone SV run.
+    """
+    endings = ("plain", "sr") if cfg.sr_pseudo_batches > 0 else ("plain",)
+    vanilla_cfg, sv_cfg = dataclasses.replace(cfg, sv=False), dataclasses.replace(cfg, sv=True)
+    names = {"plain": ("zskt", "zskt+sv"), "sr": ("zskt+sr", "zskt+abd")}
+    if cfg.sv_verify_after <= 0:
+        plain = distill_zskt_branches(teacher, teacher_vars, dataset, eval_sets, vanilla_cfg, seed=seed,
+                                      desc="zskt", on_eval=on_eval, endings=endings)
+        sv = distill_zskt_branches(teacher, teacher_vars, dataset, eval_sets, sv_cfg, seed=seed,
+                                   desc="zskt+sv", on_eval=on_eval, endings=endings)
+        return {**{names[e][0]: r for e, r in plain.items()}, **{names[e][1]: r for e, r in sv.items()}}
+    _check_sr_length(sv_cfg)
+    # Same seed, so the same student, generator and keys; the SV build adds the vaccine state.
+    _, _, _, vanilla_step = build_zskt(teacher, dataset, vanilla_cfg, seed, DFKDHooks(), teacher_vars)
+    student, generator, state, sv_step = build_zskt(teacher, dataset, sv_cfg, seed, DFKDHooks(), teacher_vars)
+    ctx = dict(teacher=teacher, teacher_vars=teacher_vars, dataset=dataset, eval_sets=eval_sets, seed=seed,
+               student=student, generator=generator, hooks=DFKDHooks(), on_eval=on_eval)
+    vanilla_run = _run_context(cfg=vanilla_cfg, desc="zskt", **ctx)
+    sv_run = _run_context(cfg=sv_cfg, desc="zskt+sv", **ctx)
+    t0 = time.perf_counter()
+    state, history, log = _warm_up_and_verify(vanilla_step, state, teacher, teacher_vars, generator, sv_cfg,
+                                              jax.random.key(seed + 3), vanilla_run.run_kwargs())
+    t_warm = time.perf_counter() - t0
+    start, vaccine = sv_cfg.sv_verify_after, state.hook_state
+    plain = _finish_branches(vanilla_run, vanilla_step, state.replace(hook_state=None), history, start, t0,
+                             endings, None)
+    if any(r["passed"] for r in log):  # t0 shifted so the SV rows' timing includes the shared warm-up
+        sv = _finish_branches(sv_run, sv_step, state, history, start, time.perf_counter() - t_warm, endings, log)
+    else:
+        sv = {e: _result(sv_run, r.state.replace(hook_state=vaccine), r.history, r.seconds_per_step, log)
+              for e, r in plain.items()}
+    return {**{names[e][0]: r for e, r in plain.items()}, **{names[e][1]: r for e, r in sv.items()}}

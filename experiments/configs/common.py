@@ -68,6 +68,7 @@ def zskt_config(pseudo_batches: int = 300) -> ml_collections.ConfigDict:
     c.sv_copies = 3
     c.sv_layers = 5
     c.sv_verify_after = 0  # spec 3.4 verification after P warm-up pseudo-batches; 0 = off (released)
+    c.sv_verify_threshold = 0.02  # the tail ratio a shuffle must exceed
     c.sr_pseudo_batches = 0
     c.sr_coef = 1.0
     c.sr_resume_lr = 5e-4
