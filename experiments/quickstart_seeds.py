@@ -37,8 +37,9 @@ def aggregate(per_seed: dict[int, dict]) -> dict[str, dict[str, dict[str, float]
 
 
 def table(agg: dict, seeds: list[int]) -> str:
-    header = ["model", *(f"{m.replace('_', ' ')} % (mean ± std)" for m in METRICS)]
-    body = [[row, *(f"{fmt(v[m]['mean'])} ± {fmt(v[m]['std'])}" for m in METRICS)] for row, v in agg.items()]
+    header = ["model", *(f"{m.replace('_', ' ')} % (mean ± std)" for m in METRICS), "ASR % per seed"]
+    body = [[row, *(f"{fmt(v[m]['mean'])} ± {fmt(v[m]['std'])}" for m in METRICS),
+             " / ".join(fmt(a) for a in v["asr"]["values"])] for row, v in agg.items()]
     return f"Seeds {', '.join(map(str, seeds))}\n\n" + markdown_table(header, body)
 
 
@@ -62,8 +63,12 @@ def main(argv: list[str] | None = None) -> dict:
         per_seed[seed] = json.loads(done.read_text())
     agg = aggregate(per_seed)
     text = table(agg, args.seeds)
+    # Spec 3.4: per seed, whether the Shuffling Vaccine passed verification (absent: not verified).
+    vaccine = {seed: r["rows"].get("zskt+sv", {}).get("sv_vaccine") for seed, r in per_seed.items()}
+    if any(vaccine.values()):
+        text += "\nShuffling Vaccine per seed: " + ", ".join(f"{s}: {v}" for s, v in vaccine.items()) + "\n"
     wall = {seed: r["wall_s"] for seed, r in per_seed.items()}
-    write_json(workdir / "results.json", {"seeds": args.seeds, "rows": agg, "wall_s": wall,
+    write_json(workdir / "results.json", {"seeds": args.seeds, "rows": agg, "wall_s": wall, "sv_vaccine": vaccine,
                                           "config": next(iter(per_seed.values())).get("config")})
     write_text(workdir / "summary.md", "# Quickstart over seeds\n\n" + text + "\n\nWall time per seed (s): "
                + ", ".join(f"{s}: {w:.0f}" for s, w in wall.items()) + "\n")
