@@ -354,10 +354,12 @@ class _RunContext(NamedTuple):
 
 
 def _run_context(teacher, teacher_vars, dataset, eval_sets, cfg, seed, student, generator, hooks, desc,
-                 on_eval) -> _RunContext:
-    ev = evaluator(student, dataset.mean, dataset.std, eval_sets)  # built (and compiled) once per run
+                 on_eval, evaluate: Callable[[ZSKTState], dict[str, float]] | None = None) -> _RunContext:
+    if evaluate is None:
+        ev = evaluator(student, dataset.mean, dataset.std, eval_sets)  # built (and compiled) once per run
+        evaluate = lambda s: ev(s.student.variables)  # noqa: E731
     return _RunContext(teacher, teacher_vars, dataset, eval_sets, cfg, seed, student, generator, hooks, desc,
-                       on_eval, lambda s: ev(s.student.variables))
+                       on_eval, evaluate)
 
 
 def _check_sr_length(cfg: ZSKTConfig) -> None:
@@ -401,11 +403,13 @@ def _finish_branches(run: _RunContext, step, state: ZSKTState, history: list[dic
 
 def _result(run: _RunContext, state: ZSKTState, history: list[dict], seconds: float,
             verification: list[dict] | None) -> ZSKTResult:
-    """A finished ZSKT row: final samples and, with a vaccine in the state, its suspicion report."""
+    """A finished ZSKT row: final samples and, for an SV run, its suspicion report. A run without
+    SV may have carried the vaccine state untouched (a shared warm-up); its row drops it."""
     cfg = run.cfg
     x = sample_images(run.generator, state.generator, jax.random.key(run.seed + 1), 64, cfg.z_dim)
     report = (sv_report(run.teacher, run.teacher_vars, run.generator, state, run.dataset, run.eval_sets, cfg,
-                        jax.random.key(run.seed + 2)) if state.hook_state is not None else None)
+                        jax.random.key(run.seed + 2)) if cfg.sv else None)
+    state = state if cfg.sv else state.replace(hook_state=None)
     return ZSKTResult(run.student, state, history, seconds,
                       samples_to_pixels(x, run.dataset.mean, run.dataset.std), report, verification)
 
@@ -449,14 +453,14 @@ def distill_zskt_ablation(
     ctx = dict(teacher=teacher, teacher_vars=teacher_vars, dataset=dataset, eval_sets=eval_sets, seed=seed,
                student=student, generator=generator, hooks=DFKDHooks(), on_eval=on_eval)
     vanilla_run = _run_context(cfg=vanilla_cfg, desc="zskt", **ctx)
-    sv_run = _run_context(cfg=sv_cfg, desc="zskt+sv", **ctx)
+    sv_run = _run_context(cfg=sv_cfg, desc="zskt+sv", evaluate=vanilla_run.evaluate, **ctx)
     t0 = time.perf_counter()
     state, history, log = _warm_up_and_verify(vanilla_step, state, teacher, teacher_vars, generator, sv_cfg,
                                               jax.random.key(seed + 3), vanilla_run.run_kwargs())
     t_warm = time.perf_counter() - t0
     start, vaccine = sv_cfg.sv_verify_after, state.hook_state
-    plain = _finish_branches(vanilla_run, vanilla_step, state.replace(hook_state=None), history, start, t0,
-                             endings, None)
+    # The vanilla step carries the (unused) vaccine state along, so its warm-up compile is reused.
+    plain = _finish_branches(vanilla_run, vanilla_step, state, history, start, t0, endings, None)
     if any(r["passed"] for r in log):  # t0 shifted so the SV rows' timing includes the shared warm-up
         sv = _finish_branches(sv_run, sv_step, state, history, start, time.perf_counter() - t_warm, endings, log)
     else:
