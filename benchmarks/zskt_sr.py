@@ -13,7 +13,6 @@ median/min/max of the steady-state pseudo-batch time.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
