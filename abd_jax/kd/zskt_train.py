@@ -407,11 +407,15 @@ def _result(run: _RunContext, state: ZSKTState, history: list[dict], seconds: fl
     SV may have carried the vaccine state untouched (a shared warm-up); its row drops it."""
     cfg = run.cfg
     x = sample_images(run.generator, state.generator, jax.random.key(run.seed + 1), 64, cfg.z_dim)
-    report = (sv_report(run.teacher, run.teacher_vars, run.generator, state, run.dataset, run.eval_sets, cfg,
-                        jax.random.key(run.seed + 2)) if cfg.sv else None)
+    report = _suspicion(run, state) if cfg.sv else None
     state = state if cfg.sv else state.replace(hook_state=None)
     return ZSKTResult(run.student, state, history, seconds,
                       samples_to_pixels(x, run.dataset.mean, run.dataset.std), report, verification)
+
+
+def _suspicion(run: _RunContext, state: ZSKTState) -> dict[str, dict[str, np.ndarray]]:
+    return sv_report(run.teacher, run.teacher_vars, run.generator, state, run.dataset, run.eval_sets, run.cfg,
+                     jax.random.key(run.seed + 2))
 
 
 def distill_zskt_ablation(
@@ -464,6 +468,10 @@ def distill_zskt_ablation(
     if any(r["passed"] for r in log):  # t0 shifted so the SV rows' timing includes the shared warm-up
         sv = _finish_branches(sv_run, sv_step, state, history, start, time.perf_counter() - t_warm, endings, log)
     else:
-        sv = {e: _result(sv_run, r.state.replace(hook_state=vaccine), r.history, r.seconds_per_step, log)
-              for e, r in plain.items()}
+        # The vanilla rows as they are (samples included), plus the rejected vaccine and its report.
+        sv = {}
+        for e, r in plain.items():
+            with_vaccine = r.state.replace(hook_state=vaccine)
+            sv[e] = dataclasses.replace(r, state=with_vaccine, suspicion=_suspicion(sv_run, with_vaccine),
+                                        sv_verification=log)
     return {**{names[e][0]: r for e, r in plain.items()}, **{names[e][1]: r for e, r in sv.items()}}
