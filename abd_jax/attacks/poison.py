@@ -145,10 +145,17 @@ def poison_training_set(
     """
     x, y = np.asarray(x), np.asarray(y).astype(np.int32)
     if x.dtype != np.uint8 or x.ndim != 4 or len(x) != len(y):
-        raise ValueError(f"need uint8 x [N, S, S, C] and y [N], got {x.dtype} {x.shape}, {y.shape}")
+        raise ValueError(
+            f"need uint8 pixel images x [N, S, S, C] in [0, 255] and labels y [N], got x {x.dtype} "
+            f"{x.shape} and y {y.shape}; convert images in [0, 1] with "
+            "np.rint(x * 255).astype(np.uint8) and pass one label per image"
+        )
     _check_target(target, num_classes)
     if len(y) and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"labels span [{y.min()}, {y.max()}] but num_classes={num_classes}")
+        raise ValueError(
+            f"labels span [{y.min()}, {y.max()}] but num_classes={num_classes}; pass the dataset's "
+            "class count (Dataset.num_classes)"
+        )
     if not (0.0 <= ratio <= 1.0 and 0.0 <= holdout < 1.0):
         raise ValueError(f"need 0 <= ratio <= 1 and 0 <= holdout < 1, got {ratio}, {holdout}")
     if clean_label is None:

@@ -163,6 +163,13 @@ def apply_trigger_np(images: np.ndarray, trigger: Trigger, *, chunk: int = 4096)
       uint8 [B, S, S, C]: the triggered images, clipped to [0, 255] and rounded to nearest.
     """
     _check_shapes(tuple(images.shape), trigger)
+    dtype = np.asarray(images).dtype
+    if dtype != np.uint8:
+        raise ValueError(
+            f"apply_trigger_np takes uint8 pixel images in [0, 255], got {dtype}; convert images "
+            "in [0, 1] with np.rint(x * 255).astype(np.uint8), or use apply_trigger for float "
+            "images in [0, 255]"
+        )
     t = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), trigger)
     out = np.empty(images.shape, np.uint8)
     for i in range(0, len(images), chunk):
@@ -417,19 +424,32 @@ def load_pattern_file(
     if channels not in (1, 3) and not path.endswith(".npy"):
         raise ValueError(f"image pattern files support channels 1 or 3, got {channels}; use .npy")
     if path.endswith(".npy"):
-        a = np.load(path, allow_pickle=False).astype(np.float32)
+        try:
+            a = np.load(path, allow_pickle=False).astype(np.float32)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(
+                f"{path}: not a readable numeric .npy array ({e}); save it with "
+                "np.save(path, array)"
+            ) from e
         a = a[..., None] if a.ndim == 2 else a
         if a.ndim != 3 or a.shape[-1] not in (1, channels, channels + 1):
             raise ValueError(
                 f"{path}: expected [h, w], [h, w, {channels}] or [h, w, {channels + 1}] "
                 f"(last = alpha), got {a.shape}"
             )
+        _check_pattern_values(path, a, channels, mode)
     else:
-        with Image.open(path) as im:
-            has_alpha = "A" in im.getbands() or "transparency" in im.info
-            target = ("RGB" if channels == 3 else "L") + ("A" if has_alpha else "")
-            a = np.asarray(im.convert(target), np.float32)
-            a = a[..., None] if a.ndim == 2 else a
+        try:
+            with Image.open(path) as im:
+                has_alpha = "A" in im.getbands() or "transparency" in im.info
+                target = ("RGB" if channels == 3 else "L") + ("A" if has_alpha else "")
+                a = np.asarray(im.convert(target), np.float32)
+        except (OSError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+            raise ValueError(
+                f"{path}: Pillow cannot read this image ({e}); save the trigger as PNG, or as a "
+                ".npy array in pixel units"
+            ) from e
+        a = a[..., None] if a.ndim == 2 else a
     resample = Image.NEAREST if mode == "stamp" else Image.BILINEAR
     a = _resize_channels(a, image_size, resample)
     alpha = None
@@ -438,6 +458,37 @@ def load_pattern_file(
     if a.shape[-1] != channels:  # a single grey channel for a colour trigger
         a = np.repeat(a, channels, axis=-1)
     return a, alpha
+
+
+def _check_pattern_values(path: str, a: np.ndarray, channels: int, mode: str) -> None:
+    """Rejects .npy patterns whose values cannot be pixel units (the fix is in the message)."""
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{path}: the pattern holds NaN or Inf; replace them with pixel values")
+    if a.shape[-1] == channels + 1:
+        alpha = a[..., channels:]
+        if alpha.min() < 0 or alpha.max() > 255:
+            raise ValueError(
+                f"{path}: the alpha channel spans [{alpha.min():g}, {alpha.max():g}] but must "
+                "be in [0, 255] (255 = opaque)"
+            )
+        if 0 < alpha.max() <= 1:
+            raise ValueError(
+                f"{path}: the alpha channel looks like [0, 1]; alpha is in [0, 255] "
+                "(255 = opaque): multiply it by 255"
+            )
+    if mode in ("stamp", "blend"):  # an image pasted or blended in: pixel values in [0, 255]
+        pat = a[..., :channels] if a.shape[-1] == channels + 1 else a
+        lo, hi = float(pat.min()), float(pat.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(
+                f"{path}: a {mode} pattern is an image in pixel units [0, 255], got values in "
+                f"[{lo:g}, {hi:g}]; rescale it (signed offsets need an additive trigger)"
+            )
+        if 0 < hi <= 1:
+            raise ValueError(
+                f"{path}: the {mode} pattern's values lie in [{lo:g}, {hi:g}], which looks like "
+                "[0, 1]; triggers are in pixel units [0, 255]: multiply the array by 255"
+            )
 
 
 def _from_file(path: str, s: int, ch: int, mode: str) -> tuple[np.ndarray, np.ndarray]:

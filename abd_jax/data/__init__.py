@@ -40,10 +40,16 @@ def load_dataset(
       A Dataset with uint8 [N, S, S, 3] images and int32 labels.
 
     Raises:
-      ValueError: unknown name.
+      ValueError: unknown name, or image_size not an integer >= 8.
       DatasetUnavailableError: the dataset's files are not available.
     """
     size = DEFAULT_IMAGE_SIZE if image_size is None else image_size
+    if isinstance(size, bool) or int(size) != size or size < 8:
+        raise ValueError(
+            f"image_size must be an integer >= 8 (the smallest size the triggers support), got "
+            f"{image_size!r}; set data.image_size (--config.data.image_size), e.g. 16 or 32"
+        )
+    size = int(size)
     if name == "digits":
         return load_digits(image_size=size)
     if name == "fashion_mnist":

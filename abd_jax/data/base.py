@@ -45,11 +45,15 @@ class Dataset:
                     f"{x.dtype} {x.shape}; convert images with np.uint8 and stack 3 channels"
                 )
             if len(x) != len(y):
-                raise ValueError(f"{self.name}: {len(x)} {split} images but {len(y)} labels")
+                raise ValueError(
+                    f"{self.name}: {len(x)} {split} images but {len(y)} labels; pass one label "
+                    "per image"
+                )
             if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
                 raise ValueError(
                     f"{self.name}: {split} labels span [{y.min()}, {y.max()}] but num_classes="
-                    f"{self.num_classes}"
+                    f"{self.num_classes}; labels must be 0 .. num_classes - 1: set num_classes to "
+                    "the number of classes or relabel"
                 )
 
     @property

@@ -46,6 +46,11 @@ _IDX_UBYTE = 0x08  # idx type code for unsigned bytes (the only type Fashion-MNI
 
 NUM_CLASSES = 10
 
+_REFETCH = (
+    "fetch the four files again (sudo apt-get install --reinstall dataset-fashion-mnist, or "
+    "Zalando's fashion-mnist repository)"
+)
+
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Parses one idx file (optionally gzipped) of unsigned bytes.
@@ -61,9 +66,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     with opener(path, "rb") as f:
         raw = f.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise ValueError(f"{path}: not an idx file (bad magic {raw[:4]!r})")
+        raise ValueError(f"{path}: not an idx file (bad magic {raw[:4]!r}); {_REFETCH}")
     if raw[2] != _IDX_UBYTE:
-        raise ValueError(f"{path}: idx type 0x{raw[2]:02x} is not unsigned byte (0x08)")
+        raise ValueError(f"{path}: idx type 0x{raw[2]:02x} is not unsigned byte (0x08); {_REFETCH}")
     ndim = raw[3]
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     offset = 4 + 4 * ndim
@@ -71,7 +76,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if len(raw) - offset != expected:
         raise ValueError(
             f"{path}: header says shape {shape} ({expected} bytes) but {len(raw) - offset} "
-            "bytes follow; the file is truncated or corrupt"
+            f"bytes follow; the file is truncated or corrupt: {_REFETCH}"
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(shape)
 
@@ -185,7 +190,7 @@ def load_fashion_mnist(image_size: int = 32, data_dir: str | os.PathLike | None 
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise ValueError(
                 f"Fashion-MNIST {split}: images {images.shape} and labels {labels.shape} from "
-                f"{img_path.parent} do not form [N, H, W] / [N]"
+                f"{img_path.parent} do not form [N, H, W] / [N]; {_REFETCH}"
             )
         arrays[split] = (images, labels.astype(np.int32))
     x_train = resize_grey(arrays["train"][0], image_size)

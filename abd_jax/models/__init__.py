@@ -3,6 +3,7 @@
 from abd_jax.models.generator import Generator
 from abd_jax.models.registry import (
     MODEL_NAMES,
+    check_classifier_fits,
     conv_kernel_paths,
     count_params,
     get_model,
@@ -18,6 +19,7 @@ __all__ = [
     "ResNet",
     "SmallVGG",
     "WideResNet",
+    "check_classifier_fits",
     "conv_kernel_paths",
     "count_params",
     "get_model",

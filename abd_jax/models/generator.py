@@ -55,11 +55,14 @@ class Generator(nn.Module):
     @nn.compact
     def __call__(self, z: jax.Array, train: bool = True) -> jax.Array:
         if self.image_size % 4 != 0:
-            raise ValueError(f"Generator image_size must be divisible by 4, got {self.image_size}")
+            raise ValueError(
+                f"Generator image_size must be divisible by 4, got {self.image_size}; load the "
+                "data at a multiple of 4 (config data.image_size, e.g. 16 or 32)"
+            )
         if self.out_activation not in _OUT_ACTIVATIONS:
             raise ValueError(
                 f"out_activation must be one of {sorted(_OUT_ACTIVATIONS)}, "
-                f"got {self.out_activation!r}"
+                f"got {self.out_activation!r} (ZSKT config field: generator_out)"
             )
         if z.shape[-1] != self.z_dim:
             raise ValueError(f"expected z of shape [B, {self.z_dim}], got {z.shape}")

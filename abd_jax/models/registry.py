@@ -48,6 +48,38 @@ def init_model(model: nn.Module, key: jax.Array, image_shape: Sequence[int]) -> 
     return model.init({"params": key}, x, train=False)
 
 
+def check_classifier_fits(
+    model: nn.Module,
+    variables: Any,
+    image_shape: Sequence[int],
+    num_classes: int,
+    *,
+    what: str = "teacher",
+) -> None:
+    """Raises a ValueError naming the fix unless `model` with `variables` maps images of
+    `image_shape` = (H, W, C) to `num_classes` logits.
+
+    Abstract (jax.eval_shape): traces the forward pass once, computes nothing. A teacher handed in
+    directly (not through `abd_jax.checkpoint.load_teacher`, which checks its metadata) otherwise
+    fails deep inside a jitted step with a broadcasting error, or not at all.
+    """
+    x = jax.ShapeDtypeStruct((1, *tuple(image_shape)), jnp.float32)
+    try:
+        out = jax.eval_shape(lambda v, xb: model.apply(v, xb, train=False), variables, x)
+    except Exception as e:  # flax shape errors, dot_general mismatches, wrong collections
+        raise ValueError(
+            f"the {what} does not accept images of shape {tuple(image_shape)} ({type(e).__name__}: "
+            f"{str(e)[:200]}); use a {what} trained on data of this image size, or load the data "
+            "at the size it was trained on (config data.image_size)"
+        ) from e
+    logits = out[0] if isinstance(out, tuple) else out
+    if logits.shape[-1] != num_classes:
+        raise ValueError(
+            f"the {what} has {logits.shape[-1]} classes but the dataset has {num_classes}; use a "
+            f"{what} trained on this dataset (or the dataset it was trained on)"
+        )
+
+
 def count_params(params: Any) -> int:
     """Number of scalars in a pytree (pass variables['params']); works on jax.eval_shape output."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
