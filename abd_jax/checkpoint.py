@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -56,9 +56,13 @@ def read_teacher_meta(path: str | Path) -> dict[str, Any]:
             "or import a PyTorch checkpoint first"
         )
     try:
-        return json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(meta_file.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise CheckpointError(f"{meta_file} is corrupt ({e}); re-save or re-train the teacher") from e
+    missing = [k for k in ("model", "num_classes", "image_shape") if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_file} is corrupt (missing {', '.join(missing)}); re-save or re-train the teacher")
+    return meta
 
 
 def load_teacher(
@@ -86,7 +90,10 @@ def load_teacher(
             f"teacher at {path} expects images {tuple(meta['image_shape'])} but the data is "
             f"{tuple(expected_image_shape)}; set the dataset's image_size to match"
         )
-    model = get_model(meta["model"], num_classes=meta["num_classes"])
+    try:
+        model = get_model(meta["model"], num_classes=meta["num_classes"])
+    except ValueError as e:
+        raise CheckpointError(f"{path / TEACHER_META} names an {e}; re-save or re-train the teacher") from e
     abstract = jax.eval_shape(
         lambda: init_model(model, jax.random.key(0), tuple(meta["image_shape"]))
     )
@@ -104,32 +111,64 @@ def load_teacher(
     return model, variables, meta
 
 
+class Restored(NamedTuple):
+    """What `RunCheckpointer.restore` returns: the device state, the JSON-able metadata (step
+    counters, evaluation history) and the host-side numpy arrays (sample pools)."""
+
+    state: PyTree
+    meta: dict[str, Any]
+    host: dict[str, np.ndarray]
+
+
 class RunCheckpointer:
-    """Periodic, keep-last-N, asynchronous checkpoints of a whole run state (one pytree)."""
+    """Periodic, keep-last-N, asynchronous checkpoints of a whole run state.
+
+    Each checkpoint holds one pytree `{"state": ..., "host": ...}` (device state and host numpy
+    arrays, restored to the shapes and dtypes of `like`) and one JSON item `meta`. Orbax writes a
+    checkpoint into a temporary directory and renames it when complete, so a process killed while
+    saving leaves the previous checkpoints readable.
+    """
 
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3, asynchronous: bool = True):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=asynchronous
         )
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
-    def save(self, step: int, state: PyTree) -> None:
-        self.manager.save(int(step), args=ocp.args.StandardSave(state))
+    def save(self, step: int, state: PyTree, *, meta: dict[str, Any] | None = None,
+             host: dict[str, np.ndarray] | None = None, wait: bool = False) -> None:
+        """Saves `state` (and `meta`, `host`) as checkpoint `step`; `wait` blocks until it is on disk."""
+        # Snapshots: an asynchronous save serializes later, while the caller keeps appending to
+        # its history and refilling its pools.
+        tree = {"state": state, "host": {k: np.array(v) for k, v in (host or {}).items()}}
+        meta = json.loads(json.dumps(meta or {}))
+        self.manager.save(int(step), args=ocp.args.Composite(
+            arrays=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
+        if wait:
+            self.manager.wait_until_finished()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def restore(self, like: PyTree, step: int | None = None) -> PyTree:
+    def restore(self, like: PyTree, step: int | None = None, *,
+                host_like: dict[str, np.ndarray] | None = None) -> Restored:
+        """Checkpoint `step` (default: the latest) shaped like `like` / `host_like`."""
         step = self.manager.latest_step() if step is None else step
         if step is None:
-            raise CheckpointError(f"no checkpoint in {self.manager.directory}")
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        tree = {"state": like, "host": dict(host_like or {})}
         try:
-            return self.manager.restore(step, args=ocp.args.StandardRestore(_abstract(like)))
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                arrays=ocp.args.StandardRestore(_abstract(tree)), meta=ocp.args.JsonRestore()))
         except Exception as e:
             raise CheckpointError(
-                f"checkpoint {step} in {self.manager.directory} is corrupt or does not match this "
-                f"config ({type(e).__name__}); delete it or run without --resume"
+                f"checkpoint {step} in {self.directory} is corrupt or does not match this config "
+                f"({type(e).__name__}: {str(e)[:200]}); run with the config that wrote it, or delete "
+                f"{self.directory} (or run without --resume) to start this part over"
             ) from e
+        host = {k: np.asarray(v) for k, v in out.arrays["host"].items()}
+        return Restored(out.arrays["state"], dict(out.meta), host)
 
     def close(self) -> None:
         self.manager.wait_until_finished()

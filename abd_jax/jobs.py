@@ -7,14 +7,17 @@ teacher: a teacher directory whose fingerprint matches the config is reused.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from abd_jax.abd.shuffle_vaccine import summarize_reports
 from abd_jax.checkpoint import CheckpointError, load_teacher, read_teacher_meta, save_teacher
@@ -22,10 +25,26 @@ from abd_jax.data import load_dataset
 from abd_jax.kd.clean import distill_clean
 from abd_jax.kd.zskt_train import ZSKTConfig, distill_zskt, distill_zskt_ablation
 from abd_jax.pipeline import EvalSets, make_eval_sets, poison, train_classifier
+from abd_jax.resume import CheckpointPolicy
 from abd_jax.report import markdown_table, plot_curves, plot_histograms, save_image_grid, write_json, write_text
 from abd_jax.attacks import make_trigger
 
 PCT = ("acc", "asr", "clean_target_rate")
+CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_policy(cfg, workdir: str | Path, resume: bool = False) -> CheckpointPolicy:
+    """Checkpoints of a job under WORKDIR/checkpoints, every `cfg.checkpoint_every` steps of each
+    phase (teacher batches, pseudo-batches, clean-KD batches; 0: only at each phase's end and on
+    SIGTERM). `resume` continues from them (abd_jax.resume)."""
+    return CheckpointPolicy(Path(workdir) / CHECKPOINT_DIR, every=int(cfg.get("checkpoint_every", 0)), resume=resume)
+
+
+def discard_checkpoints(policy: CheckpointPolicy | None) -> None:
+    """After a job has written its results and models, its run checkpoints are no longer needed
+    (and a later run in the same work directory would otherwise have to pass --resume)."""
+    if policy is not None:
+        shutil.rmtree(policy.directory, ignore_errors=True)
 
 
 def load_data(cfg) -> Any:
@@ -61,7 +80,8 @@ def _training_kwargs(cfg, dataset) -> dict[str, Any]:
                 weight_decay=t.weight_decay, flip=cfg.data.flip)
 
 
-def run_teacher(cfg, workdir: str | Path, dataset=None) -> dict[str, Any]:
+def run_teacher(cfg, workdir: str | Path, dataset=None, checkpoint: CheckpointPolicy | None = None,
+                mesh: Mesh | None = None) -> dict[str, Any]:
     """Trains (or reuses) the poisoned teacher into WORKDIR/teacher; returns its metrics.
 
     `dataset` is loaded from the config when not given; a reused teacher needs none.
@@ -81,7 +101,7 @@ def run_teacher(cfg, workdir: str | Path, dataset=None) -> dict[str, Any]:
     if cfg.attack.trigger == "cl":  # CL perturbs target images against a clean model (spec 7)
         clean_model = train_classifier(
             dataset.x_train, dataset.y_train, eval_sets=None, seed=cfg.seed + 1, desc="clean model",
-            **_training_kwargs(cfg, dataset),
+            checkpoint=checkpoint, mesh=mesh, **_training_kwargs(cfg, dataset),
         )
     t0 = time.time()
     _, poisoned, eval_sets = poison(
@@ -91,7 +111,7 @@ def run_teacher(cfg, workdir: str | Path, dataset=None) -> dict[str, Any]:
     )
     trained = train_classifier(
         poisoned.x_train, poisoned.y_train, eval_sets=eval_sets, seed=cfg.seed,
-        eval_every=cfg.teacher.eval_every, **_training_kwargs(cfg, dataset),
+        eval_every=cfg.teacher.eval_every, checkpoint=checkpoint, mesh=mesh, **_training_kwargs(cfg, dataset),
     )
     wall = time.time() - t0
     meta = {
@@ -107,14 +127,14 @@ def run_teacher(cfg, workdir: str | Path, dataset=None) -> dict[str, Any]:
     return meta
 
 
-def teacher_and_eval(cfg, workdir: str | Path):
+def teacher_and_eval(cfg, workdir: str | Path, checkpoint: CheckpointPolicy | None = None, mesh: Mesh | None = None):
     """The teacher (trained or reused) with the dataset and the evaluation sets it is judged on."""
     workdir = Path(workdir)
     dataset = load_data(cfg)
     if cfg.teacher.dir:
         tdir = Path(cfg.teacher.dir)
     else:
-        run_teacher(cfg, workdir, dataset)
+        run_teacher(cfg, workdir, dataset, checkpoint, mesh)
         tdir = workdir / "teacher"
     teacher, tvars, meta = load_teacher(tdir, expected_num_classes=dataset.num_classes,
                                         expected_image_shape=dataset.image_shape)
@@ -125,6 +145,10 @@ def teacher_and_eval(cfg, workdir: str | Path):
 
 
 def zskt_config_from(c) -> ZSKTConfig:
+    unknown = set(c) - {f.name for f in dataclasses.fields(ZSKTConfig)}
+    if unknown:
+        raise ValueError(f"unknown zskt fields {sorted(unknown)}; remove them from the config (known: "
+                         f"{', '.join(f.name for f in dataclasses.fields(ZSKTConfig))})")
     return ZSKTConfig(**c.to_dict())
 
 
@@ -168,35 +192,40 @@ def save_suspicion_report(out: Path, reports: dict[str, dict[str, np.ndarray]], 
 
 
 def run_zskt(cfg, workdir: str | Path, *, name: str = "zskt", dataset=None, eval_sets: EvalSets | None = None,
-             teacher=None, tvars=None) -> dict[str, Any]:
+             teacher=None, tvars=None, checkpoint: CheckpointPolicy | None = None,
+             mesh: Mesh | None = None) -> dict[str, Any]:
     """ZSKT distillation of the teacher into WORKDIR/NAME; returns {"acc", "asr", ...}."""
     workdir = Path(workdir)
     if teacher is None:
-        dataset, eval_sets, teacher, tvars, _ = teacher_and_eval(cfg, workdir)
-    res = distill_zskt(teacher, tvars, dataset, eval_sets, zskt_config_from(cfg.zskt), seed=cfg.seed, desc=name)
+        dataset, eval_sets, teacher, tvars, _ = teacher_and_eval(cfg, workdir, checkpoint, mesh)
+    res = distill_zskt(teacher, tvars, dataset, eval_sets, zskt_config_from(cfg.zskt), seed=cfg.seed, desc=name,
+                       checkpoint=checkpoint, mesh=mesh)
     return save_zskt_result(workdir / name, res, cfg, dataset, name)
 
 
-def run_zskt_abd(cfg, workdir: str | Path, *, dataset, eval_sets, teacher, tvars) -> dict[str, dict]:
+def run_zskt_abd(cfg, workdir: str | Path, *, dataset, eval_sets, teacher, tvars,
+                 checkpoint: CheckpointPolicy | None = None, mesh: Mesh | None = None) -> dict[str, dict]:
     """The four ZSKT rows of the ABD ablation (spec 9.4), `distill_zskt_ablation`: zskt, zskt+sr
     (SR over the last `sr_pseudo_batches`), zskt+sv and zskt+abd. With vaccine verification the SV
     rows record whether the vaccine was accepted; a rejected vaccine leaves SV off, and those rows
     are then the vanilla rows."""
     workdir = Path(workdir)
-    results = distill_zskt_ablation(teacher, tvars, dataset, eval_sets, zskt_config_from(cfg.zskt), seed=cfg.seed)
+    results = distill_zskt_ablation(teacher, tvars, dataset, eval_sets, zskt_config_from(cfg.zskt), seed=cfg.seed,
+                                    checkpoint=checkpoint, mesh=mesh)
     return {name: save_zskt_result(workdir / name, res, cfg, dataset, name) for name, res in results.items()}
 
 
-def run_clean_kd(cfg, workdir: str | Path, *, dataset=None, eval_sets=None, teacher=None, tvars=None) -> dict[str, Any]:
+def run_clean_kd(cfg, workdir: str | Path, *, dataset=None, eval_sets=None, teacher=None, tvars=None,
+                 checkpoint: CheckpointPolicy | None = None, mesh: Mesh | None = None) -> dict[str, Any]:
     """Clean-data KD baseline into WORKDIR/clean_kd; returns {"acc", "asr", ...}."""
     workdir = Path(workdir)
     if teacher is None:
-        dataset, eval_sets, teacher, tvars, _ = teacher_and_eval(cfg, workdir)
+        dataset, eval_sets, teacher, tvars, _ = teacher_and_eval(cfg, workdir, checkpoint, mesh)
     c = cfg.clean_kd
     res = distill_clean(teacher, tvars, dataset, eval_sets, student=c.student, fraction=c.fraction,
                         epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay,
                         temperature=c.temperature, alpha=c.alpha, flip=cfg.data.flip, seed=cfg.seed,
-                        eval_every=c.eval_every)
+                        eval_every=c.eval_every, checkpoint=checkpoint, mesh=mesh)
     out = workdir / "clean_kd"
     final = _pct(res.metrics)
     save_teacher(out / "student", res.variables,
@@ -231,19 +260,28 @@ def write_results(workdir: Path, cfg, teacher: dict, rows: dict[str, dict], wall
     return table
 
 
-def run_job(cfg, workdir: str | Path) -> dict[str, Any]:
-    """Dispatches on `cfg.job`: "teacher", "zskt" or "clean_kd"."""
+def run_job(cfg, workdir: str | Path, *, resume: bool = False, mesh: Mesh | None = None) -> dict[str, Any]:
+    """Dispatches on `cfg.job`: "teacher", "zskt" or "clean_kd". Checkpoints into
+    WORKDIR/checkpoints (see `checkpoint_policy`); `resume` continues an interrupted job exactly;
+    `mesh`: data parallelism over a device mesh (abd_jax.parallel.data_mesh)."""
     workdir = Path(workdir)
+    jobs = {"zskt": run_zskt, "clean_kd": run_clean_kd}
+    if cfg.job == "quickstart":
+        raise ValueError("the quickstart config is run by its own command: python -m experiments.quickstart "
+                         "--workdir DIR")
+    if cfg.job not in ("teacher", *jobs):
+        raise ValueError(f"unknown job {cfg.job!r}; set --config.job to one of: teacher, {', '.join(jobs)}")
     workdir.mkdir(parents=True, exist_ok=True)
+    policy = checkpoint_policy(cfg, workdir, resume)
     t0 = time.time()
     if cfg.job == "teacher":
-        meta = run_teacher(cfg, workdir)
+        meta = run_teacher(cfg, workdir, checkpoint=policy, mesh=mesh)
         write_results(workdir, cfg, meta, {}, time.time() - t0, "Poisoned teacher")
+        discard_checkpoints(policy)
         return meta
-    jobs = {"zskt": run_zskt, "clean_kd": run_clean_kd}
-    if cfg.job not in jobs:
-        raise ValueError(f"unknown job {cfg.job!r}; known jobs: teacher, {', '.join(jobs)}")
-    dataset, eval_sets, teacher, tvars, meta = teacher_and_eval(cfg, workdir)
-    row = jobs[cfg.job](cfg, workdir, dataset=dataset, eval_sets=eval_sets, teacher=teacher, tvars=tvars)
+    dataset, eval_sets, teacher, tvars, meta = teacher_and_eval(cfg, workdir, policy, mesh)
+    row = jobs[cfg.job](cfg, workdir, dataset=dataset, eval_sets=eval_sets, teacher=teacher, tvars=tvars,
+                        checkpoint=policy, mesh=mesh)
     write_results(workdir, cfg, meta, {cfg.job: row}, time.time() - t0, f"{cfg.job} distillation")
+    discard_checkpoints(policy)
     return row

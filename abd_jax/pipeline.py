@@ -12,14 +12,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from abd_jax.attacks import apply_trigger_np, make_asr_set, make_trigger, pgd_perturb, poison_training_set
+from abd_jax.attacks import make_asr_set, make_trigger, pgd_perturb, poison_training_set
 from abd_jax.attacks.poison import is_clean_label
 from abd_jax.attacks.triggers import Trigger
 from abd_jax.data.base import Dataset
 from abd_jax.metrics import evaluate_backdoor
 from abd_jax.models import get_model, init_model
 from abd_jax.optim import cosine_schedule, make_optimizer
-from abd_jax.state import TrainState, create_train_state
+from abd_jax.resume import CheckpointPolicy
+from abd_jax.state import create_train_state
 from abd_jax.teacher import fit, make_predict_fn, make_supervised_step
 
 PyTree = Any
@@ -72,6 +73,24 @@ class TrainedModel:
     history: list[dict[str, float]]
 
 
+def _check_training_set(x: np.ndarray, y: np.ndarray, num_classes: int) -> None:
+    """Rejects what would train silently on garbage: float or wrongly shaped images, labels that do
+    not fit the class count (one_hot of an out-of-range label is all zeros)."""
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise ValueError(
+            f"x_train must be uint8 pixel images [N, H, W, C] in [0, 255], got {x.dtype} {x.shape}; "
+            "convert images in [0, 1] with np.rint(x * 255).astype(np.uint8)"
+        )
+    if y.shape != (len(x),):
+        raise ValueError(f"y_train must hold one label per image, shape ({len(x)},), got {y.shape}")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(
+            f"labels span [{y.min()}, {y.max()}] but num_classes={num_classes}; pass the dataset's "
+            "class count (Dataset.num_classes)"
+        )
+
+
 def train_classifier(
     x_train: np.ndarray,
     y_train: np.ndarray,
@@ -92,8 +111,15 @@ def train_classifier(
     seed: int = 0,
     eval_every: int = 1,
     desc: str = "teacher",
+    checkpoint: CheckpointPolicy | None = None,
+    mesh=None,
 ) -> TrainedModel:
-    """Supervised training with a cosine LR (spec 8); keeps the best-clean-accuracy epoch."""
+    """Supervised training with a cosine LR (spec 8); keeps the best-clean-accuracy epoch.
+
+    `checkpoint`: where it checkpoints and whether it resumes (abd_jax.resume); `mesh`: data
+    parallelism over a device mesh (abd_jax.parallel).
+    """
+    _check_training_set(x_train, y_train, num_classes)
     model = get_model(model_name, num_classes=num_classes)
     key = jax.random.key(seed)
     k_init, k_train = jax.random.split(key)
@@ -109,7 +135,7 @@ def train_classifier(
     _, best, history = fit(
         step, state, x_train, y_train, epochs=epochs, batch_size=batch_size, seed=seed,
         evaluate=evaluate, eval_every=eval_every, desc=desc,
-        select_key="acc" if evaluate is not None else None,
+        select_key="acc" if evaluate is not None else None, checkpoint=checkpoint, mesh=mesh,
     )
     metrics = evaluate(best) if evaluate is not None else {}
     return TrainedModel(model, best.variables, metrics, history)

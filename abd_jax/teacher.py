@@ -15,10 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from jax.sharding import Mesh
 
 from abd_jax.augment import normalize, random_crop_flip
 from abd_jax.losses import cross_entropy
+from abd_jax.parallel import jit_data_parallel, put_batch, put_replicated
 from abd_jax.progress import progress_bar
+from abd_jax.resume import CheckpointPolicy, closing, stop_if_preempted
 from abd_jax.state import TrainState
 
 Metrics = dict[str, jax.Array]
@@ -107,6 +110,8 @@ def fit(
     desc: str = "teacher",
     on_epoch_end: Callable[[int, TrainState, dict[str, float]], None] | None = None,
     const: Any = None,
+    checkpoint: CheckpointPolicy | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[TrainState, TrainState, list[dict[str, float]]]:
     """Runs `epochs` of jitted steps over host arrays with a progress bar.
 
@@ -118,31 +123,65 @@ def fit(
         test accuracy); None keeps the last state.
       const: if given, the step is called as `step_fn(state, const, x, y)`; for what the step
         reads but never changes (a teacher's variables), passed rather than closed over.
+      checkpoint: where this run (named `desc`) checkpoints, counted in steps (batches); with
+        `checkpoint.resume` it continues mid-epoch from its latest checkpoint, replaying the
+        shuffles of the epochs before so the batches are the same (abd_jax.resume).
+      mesh: data parallelism over this device mesh (abd_jax.parallel): each batch split over the
+        devices, the state replicated; the batch size must divide by the number of devices.
 
     Returns:
       (last state, selected state, history of per-evaluation metrics).
     """
-    jitted = jax.jit(step_fn, donate_argnums=(0,))
-    state = jax.tree.map(jnp.copy, state)  # donation needs unaliased leaves
+    jitted = jit_data_parallel(step_fn, mesh, batch_argnums=(1, 2) if const is None else (2, 3))
     rng = np.random.default_rng(seed)
+    n_batches = len(x_train) // batch_size
+    total = epochs * n_batches
     history: list[dict[str, float]] = []
     best, best_val = state, -np.inf
-    n_batches = len(x_train) // batch_size
     shown: dict[str, float] = {}
-    with progress_bar(total=epochs * n_batches, desc=desc) as bar:
+    losses: list = []  # this epoch's losses; device scalars, read back once per epoch
+    start = 0
+    phase = checkpoint.open(desc, 0, total) if checkpoint is not None else None
+    restored = phase.restore({"state": state, "best": state}) if phase is not None else None
+    if restored is not None:
+        trees, start, history, _, meta = restored
+        state, best = trees["state"], trees["best"]
+        best_val, shown, losses = meta["best_val"], meta["shown"], meta["epoch_losses"]
+    state = jax.tree.map(jnp.copy, state)  # donation needs unaliased leaves
+    if mesh is not None:
+        state = put_replicated(state, mesh)
+        const = None if const is None else put_replicated(const, mesh)
+    place = (lambda a: jnp.asarray(a)) if mesh is None else (lambda a: put_batch(a, mesh))
+
+    def float32s(values: list) -> list[float]:  # exact: float32 -> Python float -> float32
+        return [float(v) for v in np.asarray(jax.device_get(values), np.float32)]
+
+    def save(step: int, wait: bool = False) -> None:
+        phase.save(step, {"state": state, "best": best}, history, wait=wait,
+                   extra={"best_val": float(best_val), "shown": shown, "epoch_losses": float32s(losses)})
+
+    with progress_bar(total=total, desc=desc) as bar, closing(phase):
+        bar.update(start)
         for epoch in range(epochs):
-            losses = []
-            for idx in epoch_batches(rng, len(x_train), batch_size):
-                xb, yb = jnp.asarray(x_train[idx]), jnp.asarray(y_train[idx])
+            batches = epoch_batches(rng, len(x_train), batch_size)  # drawn for every epoch: same rng stream
+            if (epoch + 1) * n_batches <= start:
+                continue
+            for b, idx in enumerate(batches):
+                step = epoch * n_batches + b
+                if step < start:
+                    continue
+                xb, yb = place(x_train[idx]), place(y_train[idx])
                 state, m = jitted(state, xb, yb) if const is None else jitted(state, const, xb, yb)
                 losses.append(m["loss"])
                 bar.update(1)
-            loss = float(np.mean(jax.device_get(losses)))
-            if not np.isfinite(loss):
-                raise FloatingPointError(
-                    f"{desc}: loss became {loss} in epoch {epoch + 1}; lower the learning rate "
-                    "(the last good checkpoint in the work directory is intact)"
-                )
+                if b + 1 < n_batches:  # the epoch's end is handled below, after its evaluation
+                    if phase is not None and phase.due(step + 1):
+                        _check_losses(float32s(losses), desc, epoch)
+                        save(step + 1)
+                    stop_if_preempted(phase, step + 1, lambda: save(step + 1, wait=True))  # noqa: B023
+            loss = float(np.mean(np.asarray(float32s(losses), np.float32)))
+            losses = []
+            _check_losses([loss], desc, epoch)
             record: dict[str, float] = {"epoch": epoch + 1, "loss": loss}
             if evaluate is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs):
                 record.update(evaluate(state))
@@ -153,6 +192,19 @@ def fit(
             bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, state, record)
+            end = (epoch + 1) * n_batches
+            if phase is not None and phase.due(end):
+                save(end)
+            stop_if_preempted(phase, end, lambda: save(end, wait=True))  # noqa: B023
     if select_key is None:
         best = state
     return state, best, history
+
+
+def _check_losses(losses: list[float], desc: str, epoch: int) -> None:
+    """Stops on a NaN/Inf loss before anything is saved, so the last checkpoint stays good."""
+    if not np.all(np.isfinite(losses)):
+        raise FloatingPointError(
+            f"{desc}: loss became NaN/Inf in epoch {epoch + 1}; lower the learning rate "
+            "(the last good checkpoint in the work directory is intact)"
+        )

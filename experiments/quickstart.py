@@ -1,4 +1,4 @@
-"""The main job: `python -m experiments.quickstart --workdir DIR [--seed N] [--abd] [--smoke]`.
+"""The main job: `python -m experiments.quickstart --workdir DIR [--seed N] [--abd] [--smoke] [--resume]`.
 
 On the embedded digits (no download): train (or reuse) a BadNets-grid poisoned WRN-16-1 teacher,
 distil it with vanilla ZSKT (with `--abd` also with ZSKT+SV, ZSKT+SR and ZSKT+ABD) and with clean KD, print the table and write into DIR `results.json`,
@@ -8,10 +8,19 @@ distil it with vanilla ZSKT (with `--abd` also with ZSKT+SV, ZSKT+SR and ZSKT+AB
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
-from abd_jax.jobs import run_clean_kd, run_zskt, run_zskt_abd, teacher_and_eval, write_results
+from abd_jax.jobs import (
+    checkpoint_policy,
+    discard_checkpoints,
+    run_clean_kd,
+    run_zskt,
+    run_zskt_abd,
+    teacher_and_eval,
+    write_results,
+)
 from experiments.configs.quickstart import get_config
 
 QUICKSTART_SR_COEF = 50.0
@@ -23,6 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workdir", required=True, help="output directory (created)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="a seconds-long run for tests")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run from WORKDIR/checkpoints (same other flags)")
     ap.add_argument("--abd", action="store_true",
                     help="add the ABD rows zskt+sv, zskt+sr, zskt+abd (SR over the last "
                          "zskt.sr_pseudo_batches of the run)")
@@ -46,8 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    dataset, eval_sets, teacher, tvars, meta = teacher_and_eval(cfg, workdir)
-    shared = dict(dataset=dataset, eval_sets=eval_sets, teacher=teacher, tvars=tvars)
+    policy = checkpoint_policy(cfg, workdir, args.resume)
+    dataset, eval_sets, teacher, tvars, meta = teacher_and_eval(cfg, workdir, policy)
+    shared = dict(dataset=dataset, eval_sets=eval_sets, teacher=teacher, tvars=tvars, checkpoint=policy)
     if args.abd:
         rows = run_zskt_abd(cfg, workdir, **shared)
     else:
@@ -55,6 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows["clean_kd"] = run_clean_kd(cfg, workdir, **shared)
     table = write_results(workdir, cfg, meta, rows, time.time() - t0,
                           "Quickstart: poisoned teacher, ZSKT and clean KD on the embedded digits")
+    discard_checkpoints(policy)
     print(table)
     print(f"wrote {workdir / 'results.json'} and {workdir / 'summary.md'}")
     import json
@@ -62,8 +75,17 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run() -> None:
-    main()
+    """The console entry: SIGTERM writes a checkpoint and exits with 143 (rerun with --resume)."""
+    from abd_jax.cli import PREEMPTED_EXIT
+    from abd_jax.resume import Preempted, handle_sigterm
+
+    try:
+        with handle_sigterm():
+            main()
+    except Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
 
 
 if __name__ == "__main__":
-    main()
+    run()

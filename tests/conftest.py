@@ -1,12 +1,28 @@
 """Test-wide settings: CPU JAX, quiet progress bars, a derandomised hypothesis profile."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ABD_JAX_NO_PROGRESS", "1")
+# One persistent XLA compilation cache for the session, this process and the subprocesses it starts
+# (CLI / quickstart tests): many tests compile the same small programs (the smoke ZSKT step, the
+# evaluator), and a cache hit skips XLA's compile. Fresh per session, so every run is timed cold;
+# set JAX_COMPILATION_CACHE_DIR yourself to keep one across runs.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="abd_jax_xla_cache_")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", deadline=None, derandomize=True, max_examples=20)
 settings.register_profile("dev", deadline=None, max_examples=20)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -62,6 +62,6 @@ def test_run_checkpointer_keeps_last_n(tmp_path):
         ck.save(s, {**state, "step": jax.numpy.int32(s)})
     ck.manager.wait_until_finished()
     assert ck.manager.all_steps() == [2, 3]
-    restored = ck.restore(state)
+    restored = ck.restore(state).state
     assert int(restored["step"]) == 3
     ck.close()

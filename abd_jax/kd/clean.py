@@ -84,18 +84,21 @@ def distill_clean(
     seed: int = 0,
     eval_every: int = 10,
     subset_seed: int = 230,
+    checkpoint=None,
+    mesh=None,
 ):
     """Distils `teacher` into a fresh `student` on a clean fraction of the training set (spec 6.4).
 
     Returns a `TrainedModel` holding the *last* epoch's student (the baseline has no model
-    selection on test data) and its Acc/ASR history.
+    selection on test data) and its Acc/ASR history. `checkpoint`: an `abd_jax.resume.CheckpointPolicy`; `mesh`: a device mesh (abd_jax.parallel).
     """
-    from abd_jax.models import get_model, init_model
+    from abd_jax.models import check_classifier_fits, get_model, init_model
     from abd_jax.optim import make_optimizer
     from abd_jax.pipeline import TrainedModel, evaluator
     from abd_jax.state import create_train_state
     from abd_jax.teacher import fit
 
+    check_classifier_fits(teacher, teacher_vars, dataset.image_shape, dataset.num_classes)
     x, y = clean_subset(dataset.x_train, dataset.y_train, fraction, seed=subset_seed)
     batch_size = min(batch_size, len(x))
     model = get_model(student, num_classes=dataset.num_classes)
@@ -107,5 +110,6 @@ def distill_clean(
     ev = evaluator(model, dataset.mean, dataset.std, eval_sets)
     last, _, history = fit(step, state, x, y, epochs=epochs, batch_size=batch_size, seed=seed,
                            evaluate=lambda s: ev(s.variables), eval_every=eval_every,
-                           select_key=None, desc="clean-kd", const=teacher_vars)
+                           select_key=None, desc="clean-kd", const=teacher_vars,
+                           checkpoint=checkpoint, mesh=mesh)
     return TrainedModel(model, last.variables, history[-1] if history else {}, history)

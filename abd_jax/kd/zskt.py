@@ -23,6 +23,7 @@ from flax import struct
 
 from abd_jax.kd.common import DFKDHooks, Metrics, apply_gradients, forward, kd_loss, with_hook_state
 from abd_jax.losses import kl_elementwise
+from abd_jax.parallel import constrain_batch
 from abd_jax.state import TrainState
 
 PyTree = Any
@@ -106,7 +107,7 @@ def make_pseudo_batch(
 
     def images_and_targets(state: ZSKTState, teacher_vars: PyTree, z: jax.Array):
         x, _ = forward(generator, state.generator, z, train=True)  # G is always in train mode
-        x = jax.lax.stop_gradient(x)
+        x = constrain_batch(jax.lax.stop_gradient(x))  # see `generator_half`
         t_logits, t_feats = teacher_out(teacher_vars, x)
         return x, t_logits, t_feats
 
@@ -133,7 +134,12 @@ def make_pseudo_batch(
         key = jax.random.fold_in(state.key, state.step)
         k_z, k_pen = jax.random.split(key)
         k_sr = jax.random.fold_in(key, 1)  # separate stream, so vanilla runs keep their z and keys
-        z = jax.random.normal(k_z, (batch_size, z_dim), jnp.float32)
+        # Data parallelism (abd_jax/parallel.py): the pseudo-batch has no batch argument, so under
+        # a mesh mark z (and the images, in `images_and_targets`) batch-sharded, or GSPMD would
+        # compute the whole batch on every device; everything computed from them follows. The
+        # identity without a mesh. Same values either way: with jax_threefry_partitionable (on by
+        # default) each device draws its slice of the same z (tests/test_parallel.py).
+        z = constrain_batch(jax.random.normal(k_z, (batch_size, z_dim), jnp.float32))
         metrics: Metrics = {}
         for _ in range(n_generator_steps):
             state, metrics = generator_step(state, teacher_vars, z, k_pen)

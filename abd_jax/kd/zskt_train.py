@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from abd_jax.abd.self_retrospection import (
     retrospect,
@@ -35,9 +36,17 @@ from abd_jax.data.base import Dataset
 from abd_jax.kd.common import DFKDHooks
 from abd_jax.kd.loop import run_steps
 from abd_jax.kd.zskt import ZSKTState, make_pseudo_batch, sample_images
-from abd_jax.models import Generator, get_model, init_model
+from abd_jax.models import (
+    MODEL_NAMES,
+    Generator,
+    check_classifier_fits,
+    get_model,
+    init_model,
+)
+from abd_jax.models.generator import _OUT_ACTIVATIONS
 from abd_jax.optim import cosine_schedule, make_optimizer
 from abd_jax.pipeline import EvalSets, evaluator
+from abd_jax.resume import CheckpointPolicy
 from abd_jax.state import create_train_state
 
 PyTree = Any
@@ -88,6 +97,25 @@ class ZSKTConfig:
     # How the SR phase's pseudo-batch is compiled: "host" jits one SR student step and loops over
     # it in Python (compiles in ~1/10 of the time of "unroll", same values); see make_pseudo_batch.
     sr_fuse: str = "host"
+
+    def __post_init__(self) -> None:
+        # Checked here, not where each field is first used: sr_fuse and sr_trigger_model are only
+        # read when the SR phase starts, after the whole main run.
+        choices = {
+            "student": MODEL_NAMES,
+            "schedule": ("cosine", "constant"),
+            "generator_out": tuple(sorted(_OUT_ACTIVATIONS)),
+            "fuse": ("unroll", "scan", "host"),
+            "sr_fuse": ("unroll", "scan", "host"),
+            "sr_trigger_model": ("teacher", "student"),
+        }
+        for field, known in choices.items():
+            value = getattr(self, field)
+            if value not in known:
+                raise ValueError(
+                    f"unknown ZSKT {field} {value!r}; set zskt.{field} (--config.zskt.{field}=...) "
+                    f"to one of: {', '.join(known)}"
+                )
 
 
 @dataclasses.dataclass
@@ -181,6 +209,8 @@ def build_zskt(teacher, dataset: Dataset, cfg: ZSKTConfig, seed: int, hooks: DFK
     from `teacher_vars`); the SR phase is built separately by `sr_phase`.
     """
     size, _, channels = dataset.image_shape
+    if teacher_vars is not None:
+        check_classifier_fits(teacher, teacher_vars, dataset.image_shape, dataset.num_classes)
     student = get_model(cfg.student, num_classes=dataset.num_classes)
     generator = Generator(z_dim=cfg.z_dim, image_size=size, channels=channels,
                           width=cfg.generator_width, out_activation=cfg.generator_out)
@@ -250,21 +280,26 @@ def _warm_up_and_verify(step, state: ZSKTState, teacher, teacher_vars: PyTree, g
     same distribution, and duplicates do not change the tail ratio), then `verify_vaccine`.
     Returns (state with the verified vaccine, warm-up evaluation history, per-trial log)."""
     first_pooled = min(11, cfg.sv_verify_after - 1)
-    pool_x, pool_t = [], []
     sample = jax.jit(lambda g, k: sample_images(generator, g, k, cfg.batch_size, cfg.z_dim))
     t_logits = jax.jit(lambda tv, x: teacher.apply(tv, x, train=False)[0])
+    # Preallocated, so a checkpoint of the warm-up can hold (and restore) the pool filled so far.
+    x0 = jax.eval_shape(sample, state.generator, key)
+    n = cfg.sv_verify_after - first_pooled
+    pool = {"x": np.zeros((n, *x0.shape), x0.dtype),
+            "t": np.zeros((n, *jax.eval_shape(t_logits, teacher_vars, x0).shape), np.float32)}
 
     def collect(i: int, s: ZSKTState) -> None:
         if i >= first_pooled:
             x = sample(s.generator, jax.random.fold_in(key, i))
-            pool_x.append(np.asarray(x))
-            pool_t.append(np.asarray(t_logits(teacher_vars, x)))
+            pool["x"][i - first_pooled] = np.asarray(x)
+            pool["t"][i - first_pooled] = np.asarray(t_logits(teacher_vars, x))
 
     state, history = run_steps(step, state, teacher_vars, num_steps=cfg.sv_verify_after, on_step=collect,
-                               **run_kwargs)
+                               host_state=pool, **run_kwargs)
     divergence = jax.jit(make_divergence_fn(teacher))
-    sv, log = verify_vaccine(jax.random.fold_in(key, cfg.sv_verify_after), divergence, np.concatenate(pool_x),
-                             np.concatenate(pool_t), state.hook_state, n_layers=cfg.sv_layers,
+    flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731
+    sv, log = verify_vaccine(jax.random.fold_in(key, cfg.sv_verify_after), divergence, flat(pool["x"]),
+                             flat(pool["t"]), state.hook_state, n_layers=cfg.sv_layers,
                              threshold=cfg.sv_verify_threshold)
     return state.replace(hook_state=sv), history, log
 
@@ -285,15 +320,20 @@ def distill_zskt(
     hooks: DFKDHooks = DFKDHooks(),
     desc: str = "zskt",
     on_eval: Callable[[int, ZSKTState, dict[str, float]], None] | None = None,
+    checkpoint: CheckpointPolicy | None = None,
+    mesh: Mesh | None = None,
 ) -> ZSKTResult:
     """Runs `cfg.pseudo_batches` ZSKT pseudo-batches and evaluates the student periodically.
 
     With ABD options (`cfg.sv`, `cfg.sr_pseudo_batches`) the vaccine is active throughout and the
     last `sr_pseudo_batches` run with Self-Retrospection, as the reference's resumed SR job.
+    `checkpoint`: where each phase checkpoints, and whether to resume (abd_jax.resume); `mesh`:
+    data parallelism over a device mesh (abd_jax.parallel).
     """
     ending = "sr" if cfg.sr_pseudo_batches else "plain"
     return distill_zskt_branches(teacher, teacher_vars, dataset, eval_sets, cfg, seed=seed, hooks=hooks,
-                                 desc=desc, on_eval=on_eval, endings=(ending,))[ending]
+                                 desc=desc, on_eval=on_eval, endings=(ending,), checkpoint=checkpoint,
+                                 mesh=mesh)[ending]
 
 
 def distill_zskt_branches(
@@ -308,6 +348,8 @@ def distill_zskt_branches(
     desc: str = "zskt",
     on_eval: Callable[[int, ZSKTState, dict[str, float]], None] | None = None,
     endings: tuple[str, ...] = ("plain", "sr"),
+    checkpoint: CheckpointPolicy | None = None,
+    mesh: Mesh | None = None,
 ) -> dict[str, ZSKTResult]:
     """One ZSKT run up to pseudo-batch N - k (k = `cfg.sr_pseudo_batches`), then one or both
     endings over the last k: "plain" carries on unchanged, "sr" resumes with Self-Retrospection
@@ -319,7 +361,8 @@ def distill_zskt_branches(
     if unknown:
         raise ValueError(f"unknown endings {sorted(unknown)}; use 'plain' and/or 'sr'")
     student, generator, state, step = build_zskt(teacher, dataset, cfg, seed, hooks, teacher_vars)
-    run = _run_context(teacher, teacher_vars, dataset, eval_sets, cfg, seed, student, generator, hooks, desc, on_eval)
+    run = _run_context(teacher, teacher_vars, dataset, eval_sets, cfg, seed, student, generator, hooks, desc, on_eval,
+                       checkpoint=checkpoint, mesh=mesh)
     t0 = time.perf_counter()
     history, verification, start = [], None, 0
     if cfg.sv and cfg.sv_verify_after > 0:
@@ -344,22 +387,26 @@ class _RunContext(NamedTuple):
     desc: str
     on_eval: Callable[[int, ZSKTState, dict[str, float]], None] | None
     evaluate: Callable[[ZSKTState], dict[str, float]]
+    checkpoint: CheckpointPolicy | None
+    mesh: Mesh | None
 
     @property
     def eval_every(self) -> int:
         return self.cfg.eval_every or max(self.cfg.pseudo_batches // 10, 1)
 
     def run_kwargs(self) -> dict:
-        return dict(evaluate=self.evaluate, eval_every=self.eval_every, desc=self.desc, on_eval=self.on_eval)
+        return dict(evaluate=self.evaluate, eval_every=self.eval_every, desc=self.desc, on_eval=self.on_eval,
+                    checkpoint=self.checkpoint, mesh=self.mesh)
 
 
 def _run_context(teacher, teacher_vars, dataset, eval_sets, cfg, seed, student, generator, hooks, desc,
-                 on_eval, evaluate: Callable[[ZSKTState], dict[str, float]] | None = None) -> _RunContext:
+                 on_eval, evaluate: Callable[[ZSKTState], dict[str, float]] | None = None,
+                 checkpoint: CheckpointPolicy | None = None, mesh: Mesh | None = None) -> _RunContext:
     if evaluate is None:
         ev = evaluator(student, dataset.mean, dataset.std, eval_sets)  # built (and compiled) once per run
         evaluate = lambda s: ev(s.student.variables)  # noqa: E731
     return _RunContext(teacher, teacher_vars, dataset, eval_sets, cfg, seed, student, generator, hooks, desc,
-                       on_eval, evaluate)
+                       on_eval, evaluate, checkpoint, mesh)
 
 
 def _check_sr_length(cfg: ZSKTConfig) -> None:
@@ -427,6 +474,8 @@ def distill_zskt_ablation(
     *,
     seed: int = 0,
     on_eval: Callable[[int, ZSKTState, dict[str, float]], None] | None = None,
+    checkpoint: CheckpointPolicy | None = None,
+    mesh: Mesh | None = None,
 ) -> dict[str, ZSKTResult]:
     """The four ZSKT rows of the ABD ablation (spec 9.4): "zskt", "zskt+sr", "zskt+sv" and
     "zskt+abd" (`cfg.sv` is ignored; the SR rows only with `cfg.sr_pseudo_batches` > 0, the SR
@@ -446,16 +495,19 @@ def distill_zskt_ablation(
     names = {"plain": ("zskt", "zskt+sv"), "sr": ("zskt+sr", "zskt+abd")}
     if cfg.sv_verify_after <= 0:
         plain = distill_zskt_branches(teacher, teacher_vars, dataset, eval_sets, vanilla_cfg, seed=seed,
-                                      desc="zskt", on_eval=on_eval, endings=endings)
+                                      desc="zskt", on_eval=on_eval, endings=endings, checkpoint=checkpoint,
+                                      mesh=mesh)
         sv = distill_zskt_branches(teacher, teacher_vars, dataset, eval_sets, sv_cfg, seed=seed,
-                                   desc="zskt+sv", on_eval=on_eval, endings=endings)
+                                   desc="zskt+sv", on_eval=on_eval, endings=endings, checkpoint=checkpoint,
+                                   mesh=mesh)
         return {**{names[e][0]: r for e, r in plain.items()}, **{names[e][1]: r for e, r in sv.items()}}
     _check_sr_length(sv_cfg)
     # Same seed, so the same student, generator and keys; the SV build adds the vaccine state.
     _, _, _, vanilla_step = build_zskt(teacher, dataset, vanilla_cfg, seed, DFKDHooks(), teacher_vars)
     student, generator, state, sv_step = build_zskt(teacher, dataset, sv_cfg, seed, DFKDHooks(), teacher_vars)
     ctx = dict(teacher=teacher, teacher_vars=teacher_vars, dataset=dataset, eval_sets=eval_sets, seed=seed,
-               student=student, generator=generator, hooks=DFKDHooks(), on_eval=on_eval)
+               student=student, generator=generator, hooks=DFKDHooks(), on_eval=on_eval, checkpoint=checkpoint,
+               mesh=mesh)
     vanilla_run = _run_context(cfg=vanilla_cfg, desc="zskt", **ctx)
     sv_run = _run_context(cfg=sv_cfg, desc="zskt+sv", evaluate=vanilla_run.evaluate, **ctx)
     t0 = time.perf_counter()

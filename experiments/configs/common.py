@@ -78,6 +78,7 @@ def zskt_config(pseudo_batches: int = 300) -> ml_collections.ConfigDict:
     c.sr_portion = 0.02
     c.sr_fp_iterations = 5
     c.sr_trigger_model = "teacher"
+    c.sr_fuse = "host"  # how the SR pseudo-batch is compiled (ZSKTConfig.sr_fuse)
     return c
 
 
@@ -100,6 +101,10 @@ def base_config(job: str, smoke: bool) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.job = job
     c.seed = 0
+    # Each phase (teacher training, a ZSKT run's parts, clean KD) checkpoints into
+    # WORKDIR/checkpoints every this many of its steps, at its end and on SIGTERM; `--resume`
+    # continues from there exactly (abd_jax/resume.py).
+    c.checkpoint_every = 1000
     c.data = data_config()
     c.attack = attack_config()
     c.teacher = teacher_config(epochs=2 if smoke else 30)
