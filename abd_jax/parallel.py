@@ -124,12 +124,6 @@ def put_batch(x: PyTree, mesh: Mesh) -> PyTree:
     return _put(x, batch_sharded(mesh))
 
 
-def active_mesh() -> Mesh | None:
-    """The mesh set by `jax.set_mesh` (as `jit_data_parallel` and `data_parallel` do), else None."""
-    mesh = jax.sharding.get_mesh()
-    return None if mesh.empty else mesh
-
-
 @contextlib.contextmanager
 def data_parallel(mesh: Mesh | None) -> Iterator[Mesh | None]:
     """`jax.set_mesh(mesh)` as a block (None: no-op): `constrain_batch` in code traced inside it

@@ -156,7 +156,8 @@ def fit(
     def float32s(values: list) -> list[float]:  # exact: float32 -> Python float -> float32
         return [float(v) for v in np.asarray(jax.device_get(values), np.float32)]
 
-    def save(step: int, wait: bool = False) -> None:
+    def save(step: int, wait: bool = False) -> None:  # losses checked first: the last checkpoint stays good
+        _check_losses(float32s(losses), desc, (step - 1) // n_batches)
         phase.save(step, {"state": state, "best": best}, history, wait=wait,
                    extra={"best_val": float(best_val), "shown": shown, "epoch_losses": float32s(losses)})
 
@@ -176,7 +177,6 @@ def fit(
                 bar.update(1)
                 if b + 1 < n_batches:  # the epoch's end is handled below, after its evaluation
                     if phase is not None and phase.due(step + 1):
-                        _check_losses(float32s(losses), desc, epoch)
                         save(step + 1)
                     stop_if_preempted(phase, step + 1, lambda: save(step + 1, wait=True))  # noqa: B023
             loss = float(np.mean(np.asarray(float32s(losses), np.float32)))

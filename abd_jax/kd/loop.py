@@ -93,15 +93,14 @@ def run_steps(
             if on_step is not None:
                 on_step(i, state)
             bar.update(1)
-            last = i + 1 == num_steps
-            if (eval_every and (i + 1) % eval_every == 0) or last:
+            if (eval_every and (i + 1) % eval_every == 0) or i + 1 == num_steps:
                 losses = check_finite(metrics, i + 1, desc)  # also without an evaluator
-            if evaluate is not None and ((eval_every and (i + 1) % eval_every == 0) or last):
-                record = {"step": i + 1, **losses, **evaluate(state)}
-                history.append(record)
-                bar.set_postfix({k: f"{record[k]:.1f}" for k in ("acc", "asr") if k in record})
-                if on_eval is not None:
-                    on_eval(i + 1, state, record)
+                if evaluate is not None:
+                    record = {"step": i + 1, **losses, **evaluate(state)}
+                    history.append(record)
+                    bar.set_postfix({k: f"{record[k]:.1f}" for k in ("acc", "asr") if k in record})
+                    if on_eval is not None:
+                        on_eval(i + 1, state, record)
             if phase is not None and phase.due(i + 1):
                 save(i + 1, metrics)
             stop_if_preempted(phase, i + 1, lambda: save(i + 1, metrics, wait=True))  # noqa: B023
