@@ -7,7 +7,6 @@ teacher: a teacher directory whose fingerprint matches the config is reused.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import shutil
@@ -24,6 +23,7 @@ from abd_jax.checkpoint import CheckpointError, load_teacher, read_teacher_meta,
 from abd_jax.data import load_dataset
 from abd_jax.kd.clean import distill_clean
 from abd_jax.kd.zskt_train import ZSKTConfig, distill_zskt, distill_zskt_ablation
+from abd_jax.methods import METHODS, distill, get_method, method_config, with_abd
 from abd_jax.pipeline import EvalSets, make_eval_sets, poison, train_classifier
 from abd_jax.resume import CheckpointPolicy
 from abd_jax.report import markdown_table, plot_curves, plot_histograms, save_image_grid, write_json, write_text
@@ -145,22 +145,20 @@ def teacher_and_eval(cfg, workdir: str | Path, checkpoint: CheckpointPolicy | No
 
 
 def zskt_config_from(c) -> ZSKTConfig:
-    unknown = set(c) - {f.name for f in dataclasses.fields(ZSKTConfig)}
-    if unknown:
-        raise ValueError(f"unknown zskt fields {sorted(unknown)}; remove them from the config (known: "
-                         f"{', '.join(f.name for f in dataclasses.fields(ZSKTConfig))})")
-    return ZSKTConfig(**c.to_dict())
+    return method_config("zskt", c)
 
 
-def save_zskt_result(out: Path, res, cfg, dataset, name: str) -> dict[str, Any]:
-    """Student checkpoint, history, curves and synthetic samples of one ZSKT row; returns the row."""
+def save_distill_result(out: Path, res, student: str, dataset, name: str,
+                        step_label: str = "pseudo-batch") -> dict[str, Any]:
+    """Student checkpoint, history, curves and synthetic samples of one data-free KD row (any
+    method of abd_jax.methods); returns the row."""
     final = _pct(res.history[-1])
     save_teacher(out / "student", res.state.student.variables,
-                 {"model": cfg.zskt.student, "num_classes": dataset.num_classes,
+                 {"model": student, "num_classes": dataset.num_classes,
                   "image_shape": list(dataset.image_shape), **final})
     write_json(out / "history.json", res.history)
-    plot_curves(out / "curves.png", _curves(res.history, "step"), xlabel="pseudo-batch",
-                title=f"{name}: student {cfg.zskt.student}")
+    plot_curves(out / "curves.png", _curves(res.history, "step"), xlabel=step_label,
+                title=f"{name}: student {student}")
     save_image_grid(out / "samples.png", res.samples)
     if res.suspicion is not None:
         save_suspicion_report(out, res.suspicion, name)
@@ -200,7 +198,7 @@ def run_zskt(cfg, workdir: str | Path, *, name: str = "zskt", dataset=None, eval
         dataset, eval_sets, teacher, tvars, _ = teacher_and_eval(cfg, workdir, checkpoint, mesh)
     res = distill_zskt(teacher, tvars, dataset, eval_sets, zskt_config_from(cfg.zskt), seed=cfg.seed, desc=name,
                        checkpoint=checkpoint, mesh=mesh)
-    return save_zskt_result(workdir / name, res, cfg, dataset, name)
+    return save_distill_result(workdir / name, res, cfg.zskt.student, dataset, name)
 
 
 def run_zskt_abd(cfg, workdir: str | Path, *, dataset, eval_sets, teacher, tvars,
@@ -212,7 +210,31 @@ def run_zskt_abd(cfg, workdir: str | Path, *, dataset, eval_sets, teacher, tvars
     workdir = Path(workdir)
     results = distill_zskt_ablation(teacher, tvars, dataset, eval_sets, zskt_config_from(cfg.zskt), seed=cfg.seed,
                                     checkpoint=checkpoint, mesh=mesh)
-    return {name: save_zskt_result(workdir / name, res, cfg, dataset, name) for name, res in results.items()}
+    return {name: save_distill_result(workdir / name, res, cfg.zskt.student, dataset, name)
+            for name, res in results.items()}
+
+
+def run_method(cfg, workdir: str | Path, method: str, *, name: str | None = None,
+               abd_parts: tuple[str, ...] | None = None, dataset=None, eval_sets: EvalSets | None = None,
+               teacher=None, tvars=None, checkpoint: CheckpointPolicy | None = None,
+               mesh: Mesh | None = None) -> dict[str, Any]:
+    """Data-free KD with any method of `abd_jax.methods` (its settings from the config section it
+    reads) into WORKDIR/NAME; returns the row {"acc", "asr", ...}.
+
+    `abd_parts`: None runs the config as written; () forces the vanilla method (SV and SR off);
+    ("sv", "sr") or a subset switches those ABD parts on (`methods.with_abd`).
+    """
+    workdir = Path(workdir)
+    m = get_method(method)
+    name = name or method
+    if teacher is None:
+        dataset, eval_sets, teacher, tvars, _ = teacher_and_eval(cfg, workdir, checkpoint, mesh)
+    mcfg = method_config(method, cfg[m.section])
+    if abd_parts is not None:
+        mcfg = with_abd(method, mcfg, tuple(abd_parts))
+    res = distill(method, teacher, tvars, dataset, eval_sets, mcfg, seed=cfg.seed, desc=name,
+                  checkpoint=checkpoint, mesh=mesh)
+    return save_distill_result(workdir / name, res, mcfg.student, dataset, name, m.step_label)
 
 
 def run_clean_kd(cfg, workdir: str | Path, *, dataset=None, eval_sets=None, teacher=None, tvars=None,
@@ -261,11 +283,13 @@ def write_results(workdir: Path, cfg, teacher: dict, rows: dict[str, dict], wall
 
 
 def run_job(cfg, workdir: str | Path, *, resume: bool = False, mesh: Mesh | None = None) -> dict[str, Any]:
-    """Dispatches on `cfg.job`: "teacher", "zskt" or "clean_kd". Checkpoints into
+    """Dispatches on `cfg.job`: "teacher", "clean_kd" or a data-free KD method of abd_jax.methods
+    ("zskt", "dfad", "dafl", "cmi", "deepinversion", "ood"). Checkpoints into
     WORKDIR/checkpoints (see `checkpoint_policy`); `resume` continues an interrupted job exactly;
     `mesh`: data parallelism over a device mesh (abd_jax.parallel.data_mesh)."""
     workdir = Path(workdir)
-    jobs = {"zskt": run_zskt, "clean_kd": run_clean_kd}
+    jobs = {"zskt": run_zskt, "clean_kd": run_clean_kd,
+            **{m: (lambda c, w, _m=m, **kw: run_method(c, w, _m, **kw)) for m in METHODS if m != "zskt"}}
     if cfg.job == "quickstart":
         raise ValueError("the quickstart config is run by its own command: python -m experiments.quickstart "
                          "--workdir DIR")

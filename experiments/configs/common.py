@@ -115,3 +115,36 @@ def is_smoke(arg: str | None) -> bool:
     if arg not in (None, "", "smoke"):
         raise ValueError(f"config argument must be empty or 'smoke', got {arg!r}")
     return arg == "smoke"
+
+
+def dataclass_section(method: str, **overrides) -> ml_collections.ConfigDict:
+    """A config section holding every field of `method`'s typed config (abd_jax.methods) at its
+    default, then `overrides`: the section can never drift from the dataclass, and every field is
+    overridable from the command line (`--config.<section>.<field>=...`)."""
+    import dataclasses
+
+    from abd_jax.methods import get_method, method_config
+
+    cls = type(method_config(method, {}))
+    values = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    unknown = set(overrides) - set(values)
+    if unknown:
+        raise ValueError(f"{method}: unknown {get_method(method).section} fields {sorted(unknown)}")
+    values.update(overrides)
+    return ml_collections.ConfigDict({k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()})
+
+
+def method_job_config(method: str, smoke: bool, full: dict, smoke_overrides: dict) -> ml_collections.ConfigDict:
+    """The job config of a data-free KD method on the embedded digits: the quickstart's teacher
+    (a WRN-16-1, so every method's job reuses the same saved teacher for a given trigger and seed),
+    the method's section with the digits settings `full`, shrunk by `smoke_overrides` for tests."""
+    from abd_jax.methods import get_method
+
+    c = base_config(method, smoke)
+    c.teacher.model = "wrn16_1"
+    values = {**full, **(smoke_overrides if smoke else {})}
+    c[get_method(method).section] = dataclass_section(method, **values)
+    if smoke:
+        c.data.image_size = 8
+        c.teacher.epochs = 1
+    return c
