@@ -1,7 +1,9 @@
 """Zero-Shot Knowledge Transfer (Micaelli & Storkey 2019), spec 6.1, as one jitted pseudo-batch.
 
 A pseudo-batch draws a fresh z, takes one adversarial generator step (maximize KL(T||S)), then
-`n_student_steps` student steps on the images G(z) (KL + beta * attention transfer).
+`n_student_steps` student steps on the images G(z) (KL + beta * attention transfer). DFAD and DAFL
+share this shape with other losses (`generator_objective`, `student_loss`; see
+abd_jax/kd/generator_losses.py), and so get the same ABD hooks.
 
 Deliberate departure from the reference code: the reference recomputes G(z) and the teacher's
 outputs before every student step. Inside a pseudo-batch neither changes (G is not updated during
@@ -22,6 +24,7 @@ from flax import linen as nn
 from flax import struct
 
 from abd_jax.kd.common import DFKDHooks, Metrics, apply_gradients, forward, kd_loss, with_hook_state
+from abd_jax.kd.generator_losses import GeneratorObjective, StudentLossFn, penultimate_apply
 from abd_jax.losses import kl_elementwise
 from abd_jax.parallel import constrain_batch
 from abd_jax.state import TrainState
@@ -56,6 +59,8 @@ def make_pseudo_batch(
     fuse: str = "unroll",
     scan_unroll: int = 1,
     recompute: bool = False,
+    generator_objective: GeneratorObjective | None = None,
+    student_loss: StudentLossFn | None = None,
 ) -> Callable[[ZSKTState, PyTree], tuple[ZSKTState, Metrics]]:
     """Returns `pseudo_batch(state, teacher_variables) -> (state, metrics)`; not jitted.
 
@@ -74,6 +79,11 @@ def make_pseudo_batch(
         compiles one student step instead of ten at no measurable dispatch cost.
       recompute: recompute G(z) and the teacher outputs before every student step (reference
         behaviour; slower, same result).
+      generator_objective: the generator loss of another method sharing this pseudo-batch (DFAD,
+        DAFL: `abd_jax.kd.generator_losses.method_losses`); None is ZSKT's -KL_tau(T||S), the
+        code path unchanged. The SV penalty is added to either.
+      student_loss: `(t_logits, t_feats, s_logits, s_feats) -> (loss, metrics)` replacing ZSKT's
+        KL_tau + beta * AT (`kd_loss`, the default when None).
     """
     if fuse not in ("unroll", "scan", "host"):
         raise ValueError(f"fuse must be 'unroll', 'scan' or 'host', got {fuse!r}")
@@ -83,17 +93,33 @@ def make_pseudo_batch(
     def teacher_out(teacher_vars: PyTree, x: jax.Array):
         return teacher.apply(teacher_vars, x, train=False)
 
+    def other_generator_loss(state: ZSKTState, teacher_vars: PyTree, x: jax.Array):
+        """`generator_objective` on G(z): (loss, teacher logits, student BN stats, metrics)."""
+        t_pen = None
+        if generator_objective.uses_penultimate:
+            (t_logits, _), t_pen = penultimate_apply(teacher)(teacher_vars, x, train=False)
+        else:
+            t_logits, _ = teacher_out(teacher_vars, x)
+        s_logits, s_stats = None, state.student.batch_stats
+        if generator_objective.uses_student:  # train mode, as the DFAD reference's generator step
+            (s_logits, _), s_stats = forward(student, state.student, x, train=True)
+        loss, metrics = generator_objective.loss(t_logits, s_logits, t_pen)
+        return loss, t_logits, s_stats, dict(metrics)
+
     def generator_step(state: ZSKTState, teacher_vars: PyTree, z: jax.Array, key: jax.Array):
         def loss_fn(g_params):
             g_state = state.generator.replace(params=g_params)
             x, g_stats = forward(generator, g_state, z, train=True)
-            t_logits, _ = teacher_out(teacher_vars, x)
-            (s_logits, _), s_stats = forward(student, state.student, x, train=True)
-            loss = -jnp.mean(kl_elementwise(t_logits, s_logits, temperature))
-            metrics: Metrics = {}
+            if generator_objective is None:  # ZSKT (spec 6.1): maximize KL_tau(T||S)
+                t_logits, _ = teacher_out(teacher_vars, x)
+                (s_logits, _), s_stats = forward(student, state.student, x, train=True)
+                loss = -jnp.mean(kl_elementwise(t_logits, s_logits, temperature))
+                metrics: Metrics = {}
+            else:
+                loss, t_logits, s_stats, metrics = other_generator_loss(state, teacher_vars, x)
             if hooks.generator_penalty is not None:
-                penalty, metrics = hooks.generator_penalty(t_logits, x, key, *with_hook_state(state.hook_state))
-                loss = loss + penalty
+                penalty, pen_metrics = hooks.generator_penalty(t_logits, x, key, *with_hook_state(state.hook_state))
+                loss, metrics = loss + penalty, {**metrics, **pen_metrics}
             return loss, (g_stats, s_stats, metrics)
 
         (loss, (g_stats, s_stats, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -115,7 +141,10 @@ def make_pseudo_batch(
                      teacher_vars: PyTree, prepared: Any = None):
         def loss_fn(params):
             (s_logits, s_feats), stats = forward(student, s_state.replace(params=params), x, train=True)
-            loss, parts = kd_loss(t_logits, t_feats, s_logits, s_feats, temperature=temperature, beta=beta)
+            if student_loss is None:
+                loss, parts = kd_loss(t_logits, t_feats, s_logits, s_feats, temperature=temperature, beta=beta)
+            else:
+                loss, parts = student_loss(t_logits, t_feats, s_logits, s_feats)
             return loss, (stats, parts)
 
         (loss, (stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(s_state.params)

@@ -34,6 +34,7 @@ from abd_jax.abd.shuffle_vaccine import (
 from abd_jax.augment import denormalize, normalize
 from abd_jax.data.base import Dataset
 from abd_jax.kd.common import DFKDHooks
+from abd_jax.kd.generator_losses import METHODS, method_losses
 from abd_jax.kd.loop import run_steps
 from abd_jax.kd.zskt import ZSKTState, make_pseudo_batch, sample_images
 from abd_jax.models import (
@@ -57,6 +58,13 @@ class ZSKTConfig:
     """ZSKT hyper-parameters (spec 6.1 defaults)."""
 
     pseudo_batches: int = 80_000
+    # Which method's losses the pseudo-batch uses (abd_jax/kd/generator_losses.py): "zskt" (spec
+    # 6.1), "dfad" (L1 adversarial) or "dafl" (non-adversarial generator). The fields below keep
+    # ZSKT's defaults; `generator_losses.method_defaults(method)` gives each method's own.
+    method: str = "zskt"
+    dafl_oh: float = 1.0  # DAFL generator loss weights (DAFL's official defaults)
+    dafl_act: float = 0.1
+    dafl_balance: float = 5.0
     student: str = "wrn16_1"
     batch_size: int = 128
     z_dim: int = 100
@@ -65,7 +73,12 @@ class ZSKTConfig:
     lr_generator: float = 1e-3
     beta: float = 250.0
     temperature: float = 1.0
-    clip_norm: float = 5.0
+    clip_norm: float = 5.0  # 0: no clipping
+    # The student's optimizer: Adam (spec 6.1) or SGD with momentum and coupled weight decay (the
+    # DFAD / DAFL references); the generator's is always Adam.
+    student_optimizer: str = "adam"
+    student_momentum: float = 0.9  # SGD only
+    student_weight_decay: float = 0.0
     schedule: str = "cosine"  # "cosine" over the run (spec) or "constant"
     generator_width: int = 128
     generator_out: str = "none"
@@ -102,6 +115,8 @@ class ZSKTConfig:
         # Checked here, not where each field is first used: sr_fuse and sr_trigger_model are only
         # read when the SR phase starts, after the whole main run.
         choices = {
+            "method": METHODS,
+            "student_optimizer": ("adam", "sgd"),
             "student": MODEL_NAMES,
             "schedule": ("cosine", "constant"),
             "generator_out": tuple(sorted(_OUT_ACTIVATIONS)),
@@ -201,6 +216,15 @@ def _generator_tx(cfg: ZSKTConfig) -> optax.GradientTransformation:
     return make_optimizer("adam", _lr(cfg, cfg.lr_generator, 1), clip_norm=cfg.clip_norm)
 
 
+def _student_tx(cfg: ZSKTConfig) -> optax.GradientTransformation:
+    """Adam (spec 6.1) or SGD (DFAD / DAFL), cosine stepped once per pseudo-batch, clipped at
+    `clip_norm` (> 0). With the ZSKT defaults this is exactly the spec's Adam + clip 5."""
+    kw = dict(clip_norm=cfg.clip_norm, weight_decay=cfg.student_weight_decay)
+    if cfg.student_optimizer == "sgd":
+        kw["momentum"] = cfg.student_momentum
+    return make_optimizer(cfg.student_optimizer, _lr(cfg, cfg.lr_student, cfg.n_student_steps), **kw)
+
+
 def build_zskt(teacher, dataset: Dataset, cfg: ZSKTConfig, seed: int, hooks: DFKDHooks = DFKDHooks(),
                teacher_vars: PyTree = None):
     """Returns (student module, generator module, initial ZSKTState, pseudo_batch fn).
@@ -221,7 +245,7 @@ def build_zskt(teacher, dataset: Dataset, cfg: ZSKTConfig, seed: int, hooks: DFK
     penalty, sv_state = sv_hooks(teacher, teacher_vars, cfg, jax.random.fold_in(k_run, 3))
     if penalty is not None:
         hooks = hooks._replace(generator_penalty=penalty)
-    s_tx = make_optimizer("adam", _lr(cfg, cfg.lr_student, cfg.n_student_steps), clip_norm=cfg.clip_norm)
+    s_tx = _student_tx(cfg)
     g_tx = _generator_tx(cfg)
     state = ZSKTState(
         student=create_train_state(s_vars, s_tx, jax.random.fold_in(k_run, 1)),
@@ -236,10 +260,13 @@ def build_zskt(teacher, dataset: Dataset, cfg: ZSKTConfig, seed: int, hooks: DFK
 
 def _pseudo_batch_fn(teacher, student, generator, s_tx, g_tx, cfg: ZSKTConfig, hooks: DFKDHooks,
                      fuse: str | None = None):
+    objective, student_loss = method_losses(cfg.method, temperature=cfg.temperature, dafl_oh=cfg.dafl_oh,
+                                            dafl_act=cfg.dafl_act, dafl_balance=cfg.dafl_balance)
     return make_pseudo_batch(
         teacher, student, generator, s_tx, g_tx, batch_size=cfg.batch_size, z_dim=cfg.z_dim,
         n_student_steps=cfg.n_student_steps, temperature=cfg.temperature, beta=cfg.beta,
         hooks=hooks, fuse=fuse or cfg.fuse, scan_unroll=cfg.scan_unroll,
+        generator_objective=objective, student_loss=student_loss,
     )
 
 
