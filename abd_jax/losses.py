@@ -55,3 +55,72 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-sample softmax cross-entropy with integer labels, shape [B]."""
     log_p = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.take_along_axis(log_p, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+
+
+# ---- Model inversion (CMI / DeepInversion, spec 6.2) ---------------------------------------------
+# These are batch-level by nature (they compare a batch's statistics with the teacher's), so unlike
+# the losses above they return scalars, except `info_nce`, which returns one value per anchor row.
+
+
+def bn_statistics_loss(
+    batch_mean: jax.Array, batch_var: jax.Array, running_mean: jax.Array, running_var: jax.Array
+) -> jax.Array:
+    """DeepInversion's feature-statistics term for one BN layer (spec 6.2, L_BN):
+    ||mu_batch - mu_running||_2 + ||var_batch - var_running||_2, vectors over channels.
+
+    `batch_var` is the biased variance (the reference's `var(unbiased=False)`). It is 0 exactly when
+    the batch statistics equal the running ones. The norm's gradient at 0 is undefined; the
+    `jnp.where` guard gives it 0 there (the value is unchanged)."""
+
+    def norm(v: jax.Array) -> jax.Array:
+        sq = jnp.sum(jnp.square(v))
+        safe = jnp.where(sq > 0, sq, 1.0)
+        return jnp.where(sq > 0, jnp.sqrt(safe), 0.0)
+
+    return norm(batch_mean - running_mean) + norm(batch_var - running_var)
+
+
+def info_nce(
+    anchors: jax.Array, positives: jax.Array, temperature: float, valid: jax.Array | None = None
+) -> jax.Array:
+    """Per-anchor InfoNCE, shape [N]: row i is the cross-entropy of softmax_j(a_i . p_j / T) at j = i.
+
+    Args:
+      anchors, positives: [N, D], usually L2-normalized projections (CMI: local-view anchors,
+        gradient-stopped global-view positives, spec 6.2).
+      temperature: the contrastive temperature (CMI cr_T = 0.1).
+      valid: optional [N] bool; invalid rows/columns (unfilled memory-bank slots) are excluded as
+        negatives (their logits are masked) and their own row loss is set to 0. Static shapes.
+    """
+    logits = anchors @ positives.T / temperature
+    if valid is not None:
+        logits = jnp.where(valid[None, :], logits, -1e9)
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    per_row = -jnp.diagonal(log_p)
+    return per_row if valid is None else jnp.where(valid, per_row, 0.0)
+
+
+def total_variation_l2(x: jax.Array) -> jax.Array:
+    """DeepInversion's image prior (`get_image_prior_losses`): the sum of the L2 norms of the
+    horizontal, vertical and both diagonal neighbour differences of [B, H, W, C], over the batch."""
+    diffs = (
+        x[:, :, :-1] - x[:, :, 1:],
+        x[:, :-1, :] - x[:, 1:, :],
+        x[:, 1:, :-1] - x[:, :-1, 1:],
+        x[:, :-1, :-1] - x[:, 1:, 1:],
+    )
+    return sum(jnp.sqrt(jnp.sum(jnp.square(d))) for d in diffs)
+
+
+def js_divergence(logits_a: jax.Array, logits_b: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """The upstream DataFree code's Jensen-Shannon term (adaptive DeepInversion's L_adv), a scalar:
+    0.5 KL(M || P) + 0.5 KL(M || Q), batchmean, with P, Q, M = (P + Q)/2 clamped to [0.01, 0.99]
+    as upstream does (the clamp keeps the logs finite)."""
+    p = jax.nn.softmax(logits_a / temperature, axis=-1)
+    q = jax.nn.softmax(logits_b / temperature, axis=-1)
+    m = jnp.clip(0.5 * (p + q), 0.01, 0.99)
+    p, q = jnp.clip(p, 0.01, 0.99), jnp.clip(q, 0.01, 0.99)
+    b = logits_a.shape[0]
+    kl_mp = jnp.sum(m * (jnp.log(m) - jnp.log(p))) / b
+    kl_mq = jnp.sum(m * (jnp.log(m) - jnp.log(q))) / b
+    return 0.5 * kl_mp + 0.5 * kl_mq

@@ -1,0 +1,63 @@
+"""The CMI generator (spec 6.2), a variant of `generator.Generator` with the CMI/DataFree layout:
+
+z [B, z_dim] -> Dense -> [B, S/4, S/4, width] -> BN
+  -> up x2 -> Conv3x3 width->width (no bias) -> BN -> LeakyReLU(0.2)
+  -> up x2 -> Conv3x3 width->width/2 (no bias) -> BN -> LeakyReLU(0.2)
+  -> Conv3x3 width/2->channels -> Sigmoid
+
+Its images live in [0, 1] pixel space (the sigmoid), not in normalized space: CMI augments, then
+normalizes them. CMI re-initializes it every synthesis round with weights N(0, 0.02), zero biases
+and BN gamma N(1, 0.02) (the reference's `reset_model`); those are this module's initializers, so
+`CMIGenerator.init(fresh_key, ...)` IS the reset.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from abd_jax.models.conv_op import conv_general_dilated
+from abd_jax.models.generator import _upsample2x
+from abd_jax.models.initializers import BN_EPSILON, BN_MOMENTUM
+
+_W_INIT = nn.initializers.normal(0.02)
+
+
+def _gamma_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    return 1.0 + 0.02 * jax.random.normal(key, shape, dtype)
+
+
+def _bn(train: bool, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                        scale_init=_gamma_init, name=name)
+
+
+def _conv(features: int, name: str, bias: bool) -> nn.Conv:
+    return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=bias, kernel_init=_W_INIT,
+                   bias_init=nn.initializers.zeros, conv_general_dilated=conv_general_dilated, name=name)
+
+
+class CMIGenerator(nn.Module):
+    """z [B, z_dim] -> images [B, image_size, image_size, channels] in [0, 1]."""
+
+    z_dim: int = 256
+    image_size: int = 32
+    channels: int = 3
+    width: int = 128  # ngf * 2 in the reference (ngf = 64)
+
+    @nn.compact
+    def __call__(self, z: jax.Array, train: bool = True) -> jax.Array:
+        if self.image_size % 4 != 0:
+            raise ValueError(f"CMIGenerator image_size must be divisible by 4, got {self.image_size}")
+        if z.shape[-1] != self.z_dim:
+            raise ValueError(f"expected z of shape [B, {self.z_dim}], got {z.shape}")
+        s = self.image_size // 4
+        x = nn.Dense(self.width * s * s, kernel_init=_W_INIT, bias_init=nn.initializers.zeros, name="fc")(z)
+        # (C, H, W) view as the reference, then NHWC.
+        x = x.reshape(z.shape[0], self.width, s, s).transpose(0, 2, 3, 1)
+        x = _upsample2x(_bn(train, "bn0")(x))
+        x = nn.leaky_relu(_bn(train, "bn1")(_conv(self.width, "conv1", False)(x)), 0.2)
+        x = _upsample2x(x)
+        x = nn.leaky_relu(_bn(train, "bn2")(_conv(self.width // 2, "conv2", False)(x)), 0.2)
+        return nn.sigmoid(_conv(self.channels, "conv3", True)(x))
