@@ -115,28 +115,53 @@ def setup():
 
 @pytest.mark.parametrize("method", ["dfad", "dafl"])
 def test_sv_at_zero_coef_equals_the_vanilla_method(setup, method):
+    """DFAD: one whole pseudo-batch with SV at coefficient 0 is bitwise the vanilla one (as ZSKT,
+    tests/test_abd_zskt.py). DAFL: its generator gradient reaches the images only through the
+    teacher, the SV penalty's zero-weighted gradient joins that sum and XLA orders it differently;
+    Adam's normalized step then turns float32 rounding on near-zero gradient entries into
+    lr-sized parameter differences (measured up to 7e-4 on the student after one pseudo-batch),
+    so for DAFL the check is on the generator's gradient itself: one generator step with plain
+    SGD at lr 1 (parameters minus gradient) and no student steps."""
+    import optax
+
+    import abd_jax.kd.zskt_train as zt
+    from abd_jax.kd.zskt import make_pseudo_batch
+
     ds, teacher, tvars = setup
     cfg = method_cfg(method)
-    _, _, vanilla, v_step = build_zskt(teacher, ds, cfg, seed=0, teacher_vars=tvars)
+    student, generator, vanilla, v_step = build_zskt(teacher, ds, cfg, seed=0, teacher_vars=tvars)
     _, _, sv_state, sv_step = build_zskt(teacher, ds, dataclasses.replace(cfg, sv=True), seed=0, teacher_vars=tvars)
-    v, vm = jax.jit(v_step)(vanilla, tvars)
     off = sv_state.replace(hook_state=sv_state.hook_state.replace(coef=jnp.float32(0.0)))
-    s0, m0 = jax.jit(sv_step)(off, tvars)
-    if method == "dfad":  # the same graph shape as ZSKT's: bitwise equal, as tests/test_abd_zskt.py
+    if method == "dafl":
+        sgd = optax.sgd(1.0)
+        objective, student_loss = gl.method_losses(method)
+
+        def step(hooks):
+            return jax.jit(make_pseudo_batch(teacher, student, generator, zt._student_tx(cfg), sgd,
+                                             batch_size=cfg.batch_size, n_student_steps=0, hooks=hooks,
+                                             generator_objective=objective, student_loss=student_loss))
+
+        def with_sgd(state):
+            return state.replace(generator=state.generator.replace(opt_state=sgd.init(state.generator.params)))
+
+        v_step = step(DFKDHooks())
+        sv_step = step(DFKDHooks(generator_penalty=zt.sv_penalty_hook(teacher)))
+        vanilla, off = with_sgd(vanilla), with_sgd(off)
+    v, vm = jax.jit(v_step)(vanilla, tvars) if method == "dfad" else v_step(vanilla, tvars)
+    s0, m0 = jax.jit(sv_step)(off, tvars) if method == "dfad" else sv_step(off, tvars)
+    assert float(m0["sv_loss"]) == 0.0
+    if method == "dfad":
         chex.assert_trees_all_equal(v.student.params, s0.student.params)
         chex.assert_trees_all_equal(v.generator.params, s0.generator.params)
     else:
-        # DAFL's generator gradient reaches the images only through the teacher; the SV penalty's
-        # zero-weighted gradient joins that same sum, and XLA then orders the summation
-        # differently. Float32 rounding, not a change of behaviour; Adam's normalized first step
-        # turns it into up to ~3e-6 on the parameters (measured), hence the tolerance.
-        chex.assert_trees_all_close(v.student.params, s0.student.params, rtol=1e-4, atol=1e-5)
-        chex.assert_trees_all_close(v.generator.params, s0.generator.params, rtol=1e-4, atol=1e-5)
-    assert float(m0["sv_loss"]) == 0.0
+        chex.assert_trees_all_close(v.generator.params, s0.generator.params, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(v.generator.batch_stats, s0.generator.batch_stats, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(vm["loss_g"], m0["loss_g"], rtol=1e-6)
+        assert not all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(v.generator.params),
+                                                              jax.tree.leaves(vanilla.generator.params)))
     # The method's own generator metrics survive next to the SV ones.
-    expected = {"dfad": {"l1_g", "l1"}, "dafl": {"oh", "act", "balance", "kl"}}[method]
+    expected = {"dfad": {"l1_g", "l1"}, "dafl": {"oh", "act", "balance"}}[method]
     assert expected <= set(vm) and expected <= set(m0)
-    assert not jnp.array_equal(jax.tree.leaves(v.student.params)[0], jax.tree.leaves(vanilla.student.params)[0])
 
 
 @pytest.mark.parametrize("method", ["dfad", "dafl"])
