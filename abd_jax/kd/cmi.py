@@ -88,6 +88,9 @@ class CMIConfig:
     synthesizer: str = "cmi"  # or "deepinversion"
     flip: bool = True  # horizontal flips in synthesis views and KD batches (off for digits)
     eval_every: int = 0  # in rounds; 0: ten evaluations per run
+    # "host": one jitted synthesis iteration / KD step driven by a Python loop; "loop": each round in
+    # one jit with lax.fori_loop. On XLA:CPU the loop ran ~18x slower per iteration (docs/CMI.md).
+    fuse: str = "host"
     # ABD, Shuffling Vaccine (spec 3.3): its penalty is added to the inversion loss at every
     # synthesis iteration, on the global view. Not in the released CMI sweep (spec 12.7).
     sv: bool = False
@@ -113,7 +116,7 @@ class CMIConfig:
         def bad(field: str, why: str) -> ValueError:
             return ValueError(f"cmi.{field} = {getattr(self, field)!r}: {why}; set --config.cmi.{field}=...")
 
-        choices = {"student": MODEL_NAMES, "synthesizer": ("cmi", "deepinversion"),
+        choices = {"student": MODEL_NAMES, "synthesizer": ("cmi", "deepinversion"), "fuse": ("host", "loop"),
                    "sr_trigger_model": ("teacher", "student")}
         for field, known in choices.items():
             if getattr(self, field) not in known:
@@ -165,16 +168,18 @@ def kd_batch_loss(t_logits: jax.Array, s_logits: jax.Array, temperature: float) 
 
 
 def make_kd_steps(teacher, student, student_tx: optax.GradientTransformation, *, kd_steps: int, batch_size: int,
-                  temperature: float, mean, std, crop_pad: int, flip: bool, hooks: DFKDHooks = DFKDHooks()):
+                  temperature: float, mean, std, crop_pad: int, flip: bool, hooks: DFKDHooks = DFKDHooks(),
+                  fuse: str = "host"):
     """Returns `kd(student_state, synth, teacher_vars, key) -> (student_state, metrics)`: `kd_steps`
-    student steps (`lax.fori_loop`), each on a batch drawn from the pool's filled slots with random
-    crop + flip + normalize; with `hooks.student_sr` the SR gradient is handed to the optimizer
-    (`self_retrospection` transform) on every step. Not jitted."""
+    student steps, each on a batch drawn from the pool's filled slots with random crop + flip +
+    normalize; with `hooks.student_sr` the SR gradient is handed to the optimizer
+    (`self_retrospection` transform) on every step. `fuse` as in `make_synthesis_round`: "loop" (one
+    `lax.fori_loop`; jit the result) or "host" (one jitted step, a Python loop; do not jit it)."""
+    if fuse not in ("loop", "host"):
+        raise ValueError(f"fuse must be 'loop' or 'host', got {fuse!r}")
 
-    def one(i, carry):
-        s_state, _, synth, tv, key = carry
-        k = jax.random.fold_in(key, i)
-        k_draw, k_aug, k_sr = jax.random.split(k, 3)
+    def one(s_state: TrainState, synth: SynthesisState, tv: PyTree, key: jax.Array, i: jax.Array):
+        k_draw, k_aug, k_sr = jax.random.split(jax.random.fold_in(key, i), 3)
         x = pool_sample(k_draw, synth.pool, synth.pool_count, batch_size)
         x = normalize(random_crop_flip(k_aug, x, pad=crop_pad, flip=flip), mean, std)
         t_logits, _ = teacher.apply(tv, x, train=False)
@@ -188,15 +193,28 @@ def make_kd_steps(teacher, student, student_tx: optax.GradientTransformation, *,
         if hooks.student_sr is not None:  # Self-Retrospection, spec 4.1
             prepared = hooks.student_sr_prepare(tv, x) if hooks.student_sr_prepare is not None else None
             extra["sr_grads"] = hooks.student_sr(s_state.variables, tv, x, k_sr, prepared)
-        return apply_gradients(s_state, student_tx, grads, stats, **extra), loss, synth, tv, key
+        return apply_gradients(s_state, student_tx, grads, stats, **extra), loss
 
-    def kd(s_state: TrainState, synth: SynthesisState, teacher_vars: PyTree, key: jax.Array):
-        carry = (s_state, jnp.zeros((), jnp.float32), synth, teacher_vars, key)
-        with loop_friendly_convs():  # conv gradients inside fori_loop (abd_jax/models/conv_op.py)
-            s_state, loss, *_ = jax.lax.fori_loop(0, kd_steps, one, carry)
+    if fuse == "loop":
+        def kd(s_state: TrainState, synth: SynthesisState, teacher_vars: PyTree, key: jax.Array):
+            def body(i, carry):
+                return one(carry[0], synth, teacher_vars, key, i)
+
+            with loop_friendly_convs():  # conv gradients inside fori_loop (abd_jax/models/conv_op.py)
+                s_state, loss = jax.lax.fori_loop(0, kd_steps, body, (s_state, jnp.zeros((), jnp.float32)))
+            return s_state, {"loss_kd": loss}
+
+        return kd
+
+    j_one = jax.jit(one, donate_argnums=(0,))
+
+    def kd_host(s_state: TrainState, synth: SynthesisState, teacher_vars: PyTree, key: jax.Array):
+        loss = jnp.zeros((), jnp.float32)
+        for i in range(kd_steps):
+            s_state, loss = j_one(s_state, synth, teacher_vars, key, jnp.asarray(i, jnp.int32))
         return s_state, {"loss_kd": loss}
 
-    return kd
+    return kd_host
 
 
 def make_round(synthesis_round, kd) -> Any:
@@ -247,7 +265,9 @@ def _student_tx(cfg: CMIConfig) -> optax.GradientTransformation:
 
 def build_cmi(teacher, dataset: Dataset, cfg: CMIConfig, seed: int, teacher_vars: PyTree,
               hooks: DFKDHooks = DFKDHooks()):
-    """Returns (student module, initial CMIState, round step fn) for the main (pre-SR) phase.
+    """Returns (student module, initial CMIState, round step fn, synthesis round fn) for the main
+    (pre-SR) phase. With `cfg.fuse == "loop"` the round is pure (jit it); with "host" it compiles
+    its own pieces.
 
     With `cfg.sv` the vaccine penalty is added to `hooks` and its state goes into `hook_state`.
     """
@@ -277,7 +297,7 @@ def build_cmi(teacher, dataset: Dataset, cfg: CMIConfig, seed: int, teacher_vars
         batch_size=cfg.synthesis_batch, lr_g=cfg.lr_g, weights=cfg.weights,
         generator=generator if cfg.synthesizer == "cmi" else None, z_dim=cfg.z_dim,
         cr_temperature=cfg.cr_temperature, negatives=cfg.negatives, head_dim=cfg.head_dim, crop_pad=cfg.crop_pad,
-        flip=cfg.flip, hooks=hooks)
+        flip=cfg.flip, hooks=hooks, fuse=cfg.fuse)
     kd = _kd(teacher, student, s_tx, dataset, cfg, hooks)
     return student, state, make_round(synthesis_round, kd), synthesis_round
 
@@ -285,7 +305,7 @@ def build_cmi(teacher, dataset: Dataset, cfg: CMIConfig, seed: int, teacher_vars
 def _kd(teacher, student, tx, dataset: Dataset, cfg: CMIConfig, hooks: DFKDHooks):
     return make_kd_steps(teacher, student, tx, kd_steps=cfg.kd_steps, batch_size=cfg.batch_size,
                          temperature=cfg.kd_temperature, mean=dataset.mean, std=dataset.std, crop_pad=cfg.crop_pad,
-                         flip=cfg.flip, hooks=hooks)
+                         flip=cfg.flip, hooks=hooks, fuse=cfg.fuse)
 
 
 def sr_phase(teacher, student, dataset: Dataset, state: CMIState, cfg: CMIConfig, synthesis_round):
@@ -341,8 +361,9 @@ def distill_cmi(
     student, state, step, synthesis_round = build_cmi(teacher, dataset, cfg, seed, teacher_vars)
     ev = evaluator(student, dataset.mean, dataset.std, eval_sets)
     eval_every = cfg.eval_every or max(cfg.rounds // 10, 1)
+    # With fuse="host" the round compiles its own pieces (run_steps must not jit it).
     kwargs = dict(evaluate=lambda s: ev(s.student.variables), eval_every=eval_every, checkpoint=checkpoint,
-                  mesh=mesh)
+                  mesh=mesh, jit_step=cfg.fuse == "loop")
     main_rounds = cfg.rounds - cfg.sr_rounds_count
     t0 = time.perf_counter()
     state, history = run_steps(step, state, teacher_vars, num_steps=main_rounds, desc=desc, **kwargs)

@@ -261,6 +261,7 @@ def make_synthesis_round(
     crop_pad: int = 4,
     flip: bool = True,
     hooks: DFKDHooks = DFKDHooks(),
+    fuse: str = "host",
 ) -> Callable[..., tuple[SynthesisState, Metrics]]:
     """Returns `round(synth, teacher_vars, student_vars, key, hook_state=None) -> (synth, metrics)`;
     not jitted.
@@ -275,7 +276,15 @@ def make_synthesis_round(
     Adam(lr_g, betas (0.5, 0.99)) on bn * L_BN + oh * CE + adv * (-JS_3(S, T)) + tv * TV + l2 * ||x||
     (+ SV), on a jittered/flipped view, and clipped to the valid pixel range after each step.
     Targets: random labels, sorted. The student (eval mode) only enters through L_adv.
+
+    fuse: "loop" runs the iterations in one `lax.fori_loop` (the returned function is then pure:
+      jit it, e.g. through run_steps); "host" jits one iteration (and the round's start and finish)
+      and loops in Python (the returned function compiles its own pieces: do not jit it). On XLA:CPU
+      the loop ran 3 s per iteration against 0.17 s straight-line (a 64-image 16x16 batch,
+      docs/CMI.md), as the ZSKT scan did; same values up to float summation order.
     """
+    if fuse not in ("loop", "host"):
+        raise ValueError(f"fuse must be 'loop' or 'host', got {fuse!r}")
     if synthesizer not in ("cmi", "deepinversion"):
         raise ValueError(f"synthesizer must be 'cmi' or 'deepinversion', got {synthesizer!r}")
     if synthesizer == "cmi" and generator is None:
@@ -319,113 +328,146 @@ def make_synthesis_round(
             metrics.update(sv_metrics)
         return loss, metrics
 
-    def cmi_round(synth: SynthesisState, teacher_vars, student_vars, key, hook_state=None):
+    # A round is start -> g_steps x iterate -> finish; `fuse` picks how they are driven (below).
+    # The carry holds what changes within the round; what does not (teacher, student, the vaccine
+    # state, the bank) is passed to `iterate` as arguments.
+
+    def cmi_loss(params, head_params, k, synth, teacher_vars, student_vars, targets, g_stats, hook_state):
+        k_g, k_l, k_neg, k_pen = jax.random.split(k, 4)
+        x01, _ = generator.apply({"params": params["g"], "batch_stats": g_stats}, params["z"], train=True,
+                                 mutable=["batch_stats"])
+        x_global = norm01(random_crop_flip(k_g, x01, pad=crop_pad, flip=flip))
+        x_local = norm01(random_resized_crop(k_l, x01, flip=flip))
+        t_logits, taps = teacher_taps(teacher_vars, x_global)
+        loss, metrics = inversion_terms(x_global, t_logits, taps, targets, student_vars, k_pen, hook_state)
+        f_global = tap_features(taps)
+        _, local_taps = teacher_taps(teacher_vars, x_local)
+        f_local = tap_features(local_taps)
+        if weights.cr:
+            cached, valid_cached = bank_negatives(k_neg, synth.bank, synth.bank_count, negatives)
+            c_local, c_global = jnp.split(cached, 2, axis=-1)
+            proj_l = head.apply({"params": head_params}, jnp.concatenate([f_local, c_local]))
+            proj_g = head.apply({"params": head_params}, jnp.concatenate([f_global, c_global]))
+            valid = jnp.concatenate([jnp.ones((batch_size,), bool), valid_cached])
+            rows = info_nce(proj_l, jax.lax.stop_gradient(proj_g), cr_temperature, valid)
+            # (current-batch mean) + (cached mean), the reference's split; current only while the
+            # bank is empty.
+            n_cached = jnp.sum(valid_cached)
+            cached_mean = jnp.sum(rows[batch_size:]) / jnp.maximum(n_cached, 1)
+            loss_cr = jnp.mean(rows[:batch_size]) + jnp.where(n_cached > 0, cached_mean, 0.0)
+            loss = loss + weights.cr * loss_cr
+            metrics["loss_cr"] = loss_cr
+        feats = jnp.concatenate([f_local, f_global], axis=-1)
+        return loss, (x01, feats, metrics)
+
+    g_tx = optax.adam(lr_g, b1=0.5, b2=0.999)
+
+    def cmi_start(synth: SynthesisState, teacher_vars, student_vars, key, hook_state=None):
         k_init, k_z, k_y, k_loop = jax.random.split(key, 4)
         g_vars = generator.init(k_init, jnp.zeros((2, z_dim)), train=True)  # the reset, every round
         z = jax.random.normal(k_z, (batch_size, z_dim), jnp.float32)
         targets = jnp.sort(jax.random.randint(k_y, (batch_size,), 0, num_classes))
-        g_tx = optax.adam(lr_g, b1=0.5, b2=0.999)
-        opt_params = {"g": g_vars["params"], "z": z}
+        params = {"g": g_vars["params"], "z": z}
         g_stats = g_vars.get("batch_stats", {})
+        _, (x_s, f_s, m_s) = jax.eval_shape(
+            lambda p, h: cmi_loss(p, h, k_loop, synth, teacher_vars, student_vars, targets, g_stats, hook_state),
+            params, synth.head.params)
+        best = (jnp.asarray(jnp.inf, jnp.float32), jnp.zeros(x_s.shape, x_s.dtype), jnp.zeros(f_s.shape, f_s.dtype),
+                {k: jnp.zeros(v.shape, v.dtype) for k, v in m_s.items()})
+        # A copy: `host` donates the carry, and synth.head is still the caller's.
+        return dict(params=params, opt_state=g_tx.init(params), head=jax.tree.map(jnp.copy, synth.head), best=best,
+                    trace=_trace0(),
+                    targets=targets, g_stats=g_stats, key=k_loop)
 
-        def loss_fn(params, head_params, k):
-            k_g, k_l, k_neg, k_pen = jax.random.split(k, 4)
-            x01, _ = generator.apply({"params": params["g"], "batch_stats": g_stats}, params["z"], train=True,
-                                     mutable=["batch_stats"])
-            x_global = norm01(random_crop_flip(k_g, x01, pad=crop_pad, flip=flip))
-            x_local = norm01(random_resized_crop(k_l, x01, flip=flip))
-            t_logits, taps = teacher_taps(teacher_vars, x_global)
-            loss, metrics = inversion_terms(x_global, t_logits, taps, targets, student_vars, k_pen, hook_state)
-            f_global = tap_features(taps)
-            _, local_taps = teacher_taps(teacher_vars, x_local)
-            f_local = tap_features(local_taps)
-            if weights.cr:
-                cached, valid_cached = bank_negatives(k_neg, synth.bank, synth.bank_count, negatives)
-                c_local, c_global = jnp.split(cached, 2, axis=-1)
-                proj_l = head.apply({"params": head_params}, jnp.concatenate([f_local, c_local]))
-                proj_g = head.apply({"params": head_params}, jnp.concatenate([f_global, c_global]))
-                valid = jnp.concatenate([jnp.ones((batch_size,), bool), valid_cached])
-                rows = info_nce(proj_l, jax.lax.stop_gradient(proj_g), cr_temperature, valid)
-                # (current-batch mean) + (cached mean), the reference's split; current only while
-                # the bank is empty.
-                n_cached = jnp.sum(valid_cached)
-                cached_mean = jnp.sum(rows[batch_size:]) / jnp.maximum(n_cached, 1)
-                loss_cr = jnp.mean(rows[:batch_size]) + jnp.where(n_cached > 0, cached_mean, 0.0)
-                loss = loss + weights.cr * loss_cr
-                metrics["loss_cr"] = loss_cr
-            feats = jnp.concatenate([f_local, f_global], axis=-1)
-            return loss, (x01, feats, metrics)
+    def cmi_iterate(carry, i, synth: SynthesisState, teacher_vars, student_vars, hook_state=None):
+        (loss, (x01, feats, metrics)), (g_grads, h_grads) = jax.value_and_grad(cmi_loss, argnums=(0, 1), has_aux=True)(
+            carry["params"], carry["head"].params, jax.random.fold_in(carry["key"], i), synth, teacher_vars,
+            student_vars, carry["targets"], carry["g_stats"], hook_state)
+        best = carry["best"]
+        better = loss < best[0]  # the loss before this iteration's update, as the reference
+        best = (jnp.where(better, loss, best[0]), jnp.where(better, x01, best[1]), jnp.where(better, feats, best[2]),
+                {k: jnp.where(better, v, best[3][k]) for k, v in metrics.items()})
+        updates, opt_state = g_tx.update(g_grads, carry["opt_state"], carry["params"])
+        head_state = carry["head"]
+        if weights.cr:
+            h_upd, h_opt = head_tx.update(h_grads, head_state.opt_state, head_state.params)
+            head_state = head_state.replace(params=optax.apply_updates(head_state.params, h_upd), opt_state=h_opt,
+                                            step=head_state.step + 1)
+        return {**carry, "params": optax.apply_updates(carry["params"], updates), "opt_state": opt_state,
+                "head": head_state, "best": best, "trace": _trace(carry["trace"], i, loss)}
 
-        grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
-
-        def body(i, carry):
-            params, opt_state, head_state, best, trace = carry
-            (loss, (x01, feats, metrics)), (g_grads, h_grads) = grad_fn(params, head_state.params,
-                                                                        jax.random.fold_in(k_loop, i))
-            trace = _trace(trace, i, loss)
-            better = loss < best[0]
-            best = (jnp.where(better, loss, best[0]), jnp.where(better, x01, best[1]),
-                    jnp.where(better, feats, best[2]), {k: jnp.where(better, v, best[3][k]) for k, v in metrics.items()})
-            updates, opt_state = g_tx.update(g_grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            if weights.cr:
-                h_upd, h_opt = head_tx.update(h_grads, head_state.opt_state, head_state.params)
-                head_state = head_state.replace(params=optax.apply_updates(head_state.params, h_upd),
-                                                opt_state=h_opt, step=head_state.step + 1)
-            return params, opt_state, head_state, best, trace
-
-        shapes = jax.eval_shape(lambda p, h: loss_fn(p, h, k_loop), opt_params, synth.head.params)
-        _, (x_s, f_s, m_s) = shapes
-        best0 = (jnp.asarray(jnp.inf, jnp.float32), jnp.zeros(x_s.shape, x_s.dtype), jnp.zeros(f_s.shape, f_s.dtype),
-                 {k: jnp.zeros(v.shape, v.dtype) for k, v in m_s.items()})
-        with loop_friendly_convs():  # conv gradients inside fori_loop (abd_jax/models/conv_op.py)
-            _, _, head_state, best, trace = jax.lax.fori_loop(
-                0, g_steps, body, (opt_params, g_tx.init(opt_params), synth.head, best0, _trace0()))
+    def cmi_finish(synth: SynthesisState, carry):
+        best = carry["best"]
         pool, pool_count = pool_add(synth.pool, synth.pool_count, to_pixels(best[1]))
         bank, bank_count = bank_add(synth.bank, synth.bank_count, best[2])
-        synth = synth.replace(pool=pool, pool_count=pool_count, bank=bank, bank_count=bank_count, head=head_state)
-        return synth, {"loss_syn": best[0], **best[3], **_trace_metrics(trace)}
+        synth = synth.replace(pool=pool, pool_count=pool_count, bank=bank, bank_count=bank_count, head=carry["head"])
+        return synth, {"loss_syn": best[0], **best[3], **_trace_metrics(carry["trace"])}
 
-    def deepinversion_round(synth: SynthesisState, teacher_vars, student_vars, key, hook_state=None):
+    di_tx = optax.adam(lr_g, b1=0.5, b2=0.99)
+
+    def di_loss(x_norm, k, teacher_vars, student_vars, targets, hook_state):
+        k_aug, k_pen = jax.random.split(k)
+        x_view = jitter_flip(k_aug, x_norm, flip=flip)
+        t_logits, taps = teacher_taps(teacher_vars, x_view)
+        loss, metrics = inversion_terms(x_view, t_logits, taps, targets, student_vars, k_pen, hook_state)
+        if weights.tv:
+            loss = loss + weights.tv * total_variation_l2(x_norm)
+        if weights.l2:
+            loss = loss + weights.l2 * jnp.sqrt(jnp.sum(jnp.square(x_norm)))
+        return loss, metrics
+
+    def di_start(synth: SynthesisState, teacher_vars, student_vars, key, hook_state=None):
         k_x, k_y, k_loop = jax.random.split(key, 3)
         x = jax.random.normal(k_x, (batch_size, *image_shape), jnp.float32)  # normalized space
         targets = jnp.sort(jax.random.randint(k_y, (batch_size,), 0, num_classes))
-        tx = optax.adam(lr_g, b1=0.5, b2=0.99)
+        _, m_s = jax.eval_shape(lambda v: di_loss(v, k_loop, teacher_vars, student_vars, targets, hook_state), x)
+        best = (jnp.asarray(jnp.inf, jnp.float32), jnp.zeros_like(x),  # replaced at iteration 0
+                {k: jnp.zeros(v.shape, v.dtype) for k, v in m_s.items()})
+        return dict(x=x, opt_state=di_tx.init(x), best=best, trace=_trace0(), targets=targets, key=k_loop)
 
-        def loss_fn(x_norm, k):
-            k_aug, k_pen = jax.random.split(k)
-            x_view = jitter_flip(k_aug, x_norm, flip=flip)
-            t_logits, taps = teacher_taps(teacher_vars, x_view)
-            loss, metrics = inversion_terms(x_view, t_logits, taps, targets, student_vars, k_pen, hook_state)
-            if weights.tv:
-                loss = loss + weights.tv * total_variation_l2(x_norm)
-            if weights.l2:
-                loss = loss + weights.l2 * jnp.sqrt(jnp.sum(jnp.square(x_norm)))
-            return loss, metrics
+    def di_iterate(carry, i, synth: SynthesisState, teacher_vars, student_vars, hook_state=None):
+        del synth
+        x_norm = carry["x"]
+        (loss, metrics), g = jax.value_and_grad(di_loss, has_aux=True)(
+            x_norm, jax.random.fold_in(carry["key"], i), teacher_vars, student_vars, carry["targets"], hook_state)
+        best = carry["best"]
+        better = loss < best[0]
+        best = (jnp.where(better, loss, best[0]), jnp.where(better, x_norm, best[1]),
+                {k: jnp.where(better, v, best[2][k]) for k, v in metrics.items()})
+        updates, opt_state = di_tx.update(g, carry["opt_state"], x_norm)
+        x_norm = jnp.clip(optax.apply_updates(x_norm, updates), lo, hi)  # upstream `clip_images`
+        return {**carry, "x": x_norm, "opt_state": opt_state, "best": best, "trace": _trace(carry["trace"], i, loss)}
 
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-        def body(i, carry):
-            x_norm, opt_state, best, trace = carry
-            (loss, metrics), g = grad_fn(x_norm, jax.random.fold_in(k_loop, i))
-            trace = _trace(trace, i, loss)
-            better = loss < best[0]
-            best = (jnp.where(better, loss, best[0]), jnp.where(better, x_norm, best[1]),
-                    {k: jnp.where(better, v, best[2][k]) for k, v in metrics.items()})
-            updates, opt_state = tx.update(g, opt_state, x_norm)
-            x_norm = jnp.clip(optax.apply_updates(x_norm, updates), lo, hi)  # upstream `clip_images`
-            return x_norm, opt_state, best, trace
-
-        _, m_s = jax.eval_shape(lambda v: loss_fn(v, k_loop), x)
-        best0 = (jnp.asarray(jnp.inf, jnp.float32), x, {k: jnp.zeros(v.shape, v.dtype) for k, v in m_s.items()})
-        with loop_friendly_convs():
-            _, _, best, trace = jax.lax.fori_loop(0, g_steps, body, (x, tx.init(x), best0, _trace0()))
+    def di_finish(synth: SynthesisState, carry):
+        best = carry["best"]
         x01 = (best[1] * (jnp.asarray(std) * 255.0) + jnp.asarray(mean) * 255.0) / 255.0
         pool, pool_count = pool_add(synth.pool, synth.pool_count, to_pixels(x01))
         return synth.replace(pool=pool, pool_count=pool_count), {"loss_syn": best[0], **best[2],
-                                                                 **_trace_metrics(trace)}
+                                                                 **_trace_metrics(carry["trace"])}
 
-    return cmi_round if synthesizer == "cmi" else deepinversion_round
+    start, iterate, finish = (cmi_start, cmi_iterate, cmi_finish) if synthesizer == "cmi" else \
+        (di_start, di_iterate, di_finish)
+
+    if fuse == "loop":
+        def fused_round(synth: SynthesisState, teacher_vars, student_vars, key, hook_state=None):
+            carry = start(synth, teacher_vars, student_vars, key, hook_state)
+            with loop_friendly_convs():  # conv gradients inside fori_loop (abd_jax/models/conv_op.py)
+                carry = jax.lax.fori_loop(
+                    0, g_steps, lambda i, c: iterate(c, i, synth, teacher_vars, student_vars, hook_state), carry)
+            return finish(synth, carry)
+
+        return fused_round
+
+    j_start, j_finish = jax.jit(start), jax.jit(finish)
+    j_iterate = jax.jit(iterate, donate_argnums=(0,))
+
+    def host_round(synth: SynthesisState, teacher_vars, student_vars, key, hook_state=None):
+        carry = j_start(synth, teacher_vars, student_vars, key, hook_state)
+        for i in range(g_steps):
+            carry = j_iterate(carry, jnp.asarray(i, jnp.int32), synth, teacher_vars, student_vars, hook_state)
+        return j_finish(synth, carry)
+
+    return host_round
 
 
 def feature_dim(teacher: nn.Module, teacher_vars: PyTree, image_shape: tuple[int, ...]) -> int:
