@@ -227,7 +227,8 @@ def test_smoke_end_to_end(setup, synthesizer, vanilla):
     if synthesizer == "cmi":
         cfg = dataclasses.replace(CFG, fuse="loop")
     else:
-        cfg = dataclasses.replace(CFG, synthesizer="deepinversion", cr=0.0, bn=10.0, adv=1.0, tv=1e-3, lr_g=0.1)
+        fields = ("rounds", "g_steps", "synthesis_batch", "kd_steps", "batch_size", "bank_size", "flip", "crop_pad")
+        cfg = CMIConfig.deepinversion(**{f: getattr(CFG, f) for f in fields})
     student, state, step, _ = build_cmi(teacher, ds, cfg, 0, tvars)
     chex.clear_trace_counter()
     if cfg.fuse == "loop":

@@ -143,6 +143,15 @@ class CMIConfig:
         if self.synthesizer == "deepinversion" and self.cr:
             raise bad("cr", "DeepInversion has no contrastive term; set it to 0")
 
+    @classmethod
+    def deepinversion(cls, **overrides: Any) -> CMIConfig:
+        """DeepInversion's defaults on this machinery: upstream DataFree's CIFAR-10 script (g_steps
+        1000, lr_g 0.1, bn 10, oh 1, adv 1 = adaptive DeepInversion, batch 256) with the image prior
+        tv = 1e-3 that ABD's `datafree_kd.py` passes, l2 = 0, no contrastive term."""
+        base = dict(synthesizer="deepinversion", g_steps=1000, lr_g=0.1, bn=10.0, oh=1.0, adv=1.0, cr=0.0, tv=1e-3,
+                    l2=0.0, synthesis_batch=256, batch_size=256)
+        return cls(**{**base, **overrides})
+
     @property
     def sr_rounds_count(self) -> int:
         return self.sr_steps // self.kd_steps
