@@ -355,7 +355,7 @@ def distill_ood(
     through `run_steps`, so `checkpoint` makes it resumable.
 
     Returns a `ZSKTResult`: `state` is the OODState (`state.student` the student TrainState),
-    `samples` 64 training batches' images as the student saw them (uint8), `suspicion` the SV
+    `samples` up to 64 training images as the student saw them (uint8), `suspicion` the SV
     report on patches and the clean / triggered test images (with SV), `sv_verification` the
     per-trial tail statistics (with verification).
     """
