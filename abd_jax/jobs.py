@@ -231,7 +231,10 @@ def run_method(cfg, workdir: str | Path, method: str, *, name: str | None = None
         dataset, eval_sets, teacher, tvars, _ = teacher_and_eval(cfg, workdir, checkpoint, mesh)
     mcfg = method_config(method, cfg[m.section])
     if abd_parts is not None:
-        mcfg = with_abd(method, mcfg, tuple(abd_parts))
+        # The SR phase's length when +ABD switches SR on: `cfg.abd.sr_steps` where the config has
+        # one (the method configs do), else the length already in the method's section.
+        sr_steps = cfg.abd.sr_steps if "abd" in cfg else None
+        mcfg = with_abd(method, mcfg, tuple(abd_parts), sr_steps=sr_steps)
     res = distill(method, teacher, tvars, dataset, eval_sets, mcfg, seed=cfg.seed, desc=name,
                   checkpoint=checkpoint, mesh=mesh)
     return save_distill_result(workdir / name, res, mcfg.student, dataset, name, m.step_label)

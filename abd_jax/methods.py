@@ -59,6 +59,11 @@ def _load(ref: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+def config_class(name: str) -> type:
+    """The typed config class method `name` reads (e.g. `ZSKTConfig` for "dfad")."""
+    return _load(get_method(name).config_class)
+
+
 def method_config(name: str, section: Mapping[str, Any]) -> Any:
     """The typed config of method `name` from its config section (a dict or ConfigDict).
 
@@ -67,7 +72,7 @@ def method_config(name: str, section: Mapping[str, Any]) -> Any:
     section says otherwise).
     """
     m = get_method(name)
-    cls = _load(m.config_class)
+    cls = config_class(name)
     values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - known

@@ -123,14 +123,15 @@ def dataclass_section(method: str, **overrides) -> ml_collections.ConfigDict:
     overridable from the command line (`--config.<section>.<field>=...`)."""
     import dataclasses
 
-    from abd_jax.methods import get_method, method_config
+    from abd_jax.methods import config_class, get_method
 
-    cls = type(method_config(method, {}))
+    cls = config_class(method)
     values = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
     unknown = set(overrides) - set(values)
     if unknown:
         raise ValueError(f"{method}: unknown {get_method(method).section} fields {sorted(unknown)}")
     values.update(overrides)
+    values.update(get_method(method).fixed)  # e.g. synthesizer="deepinversion"
     return ml_collections.ConfigDict({k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()})
 
 
@@ -148,3 +149,11 @@ def method_job_config(method: str, smoke: bool, full: dict, smoke_overrides: dic
         c.data.image_size = 8
         c.teacher.epochs = 1
     return c
+
+
+def abd_section(sr_steps: int) -> ml_collections.ConfigDict:
+    """What `experiments.methods` (and `jobs.run_method(abd_parts=...)`) use when +ABD switches
+    Self-Retrospection on: the length of the SR phase in the method's own steps (pseudo-batches
+    for the ZSKT family, KD steps for CMI and OOD-KD). A plain CLI run of the config ignores it
+    and runs the method section as written."""
+    return ml_collections.ConfigDict({"sr_steps": sr_steps})

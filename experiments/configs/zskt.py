@@ -5,7 +5,7 @@ WORKDIR/teacher, or reused from `--config.teacher.dir`) into a WRN-16-1 student 
 digits, 300 pseudo-batches. `:smoke` runs 2 pseudo-batches with tiny models for tests.
 """
 
-from experiments.configs.common import base_config, is_smoke, zskt_config
+from experiments.configs.common import abd_section, base_config, is_smoke, zskt_config
 
 
 def get_config(arg: str | None = None):
@@ -19,4 +19,6 @@ def get_config(arg: str | None = None):
         c.zskt.batch_size = 16
         c.zskt.n_student_steps = 2
         c.zskt.generator_width = 16
+    # +ABD in experiments.methods: SR over the last 10 pseudo-batches (the quickstart's --abd length).
+    c.abd = abd_section(1 if smoke else 10)
     return c
