@@ -185,7 +185,9 @@ def test_generator_step_runs_the_student_only_when_adversarial(setup, method):
     chex.assert_trees_all_equal(new.student.params, state.student.params)
 
 
-@pytest.mark.parametrize("method", ["dfad", "dafl"])
+# DAFL only: SR's objective and transform do not depend on the method (both keep SR's own KL,
+# docs/DFAD_DAFL.md), so DFAD's case repeats DAFL's at ~60 s of compile time (suite budget).
+@pytest.mark.parametrize("method", ["dafl"])
 def test_sr_at_zero_coef_equals_the_plain_resume(setup, method):
     """As tests/test_abd_zskt.py for ZSKT: the SR phase with its coefficient at 0 gives the plain
     resumed run; float tolerance because the SR phase compiles its student step on its own
@@ -208,18 +210,19 @@ def test_sr_at_zero_coef_equals_the_plain_resume(setup, method):
     chex.assert_trees_all_close(s_off.generator.params, s_plain.generator.params, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["dfad", "dafl"])
-def test_distill_runs_each_method_with_sv_and_sr(setup, method):
+@pytest.mark.parametrize("method, sr", [("dfad", 0), ("dafl", 1)])
+def test_distill_runs_each_method_with_sv_and_sr(setup, method, sr):
+    """A whole run per method with SV; SR (a separate ~40 s compile) on DAFL's run only."""
     from abd_jax.attacks import make_trigger
     from abd_jax.kd.zskt_train import distill_zskt
     from abd_jax.pipeline import make_eval_sets
 
     ds, teacher, tvars = setup
     eval_sets = make_eval_sets(ds, make_trigger("badnets_grid", ds.image_shape[0]), 0)
-    cfg = dataclasses.replace(method_cfg(method), sv=True, pseudo_batches=3, sr_pseudo_batches=1, eval_every=1)
+    cfg = dataclasses.replace(method_cfg(method), sv=True, pseudo_batches=3, sr_pseudo_batches=sr, eval_every=1)
     res = distill_zskt(teacher, tvars, ds, eval_sets, cfg)
     assert [h["step"] for h in res.history] == [1, 2, 3]
-    assert res.history[-1].get("sr") == 1.0
+    assert (res.history[-1].get("sr") == 1.0) == bool(sr)
     for h in res.history:
         assert {"acc", "asr", "clean_target_rate"} <= set(h)
         assert all(np.isfinite(v) for v in h.values())
