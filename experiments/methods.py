@@ -130,5 +130,21 @@ def main(argv: list[str] | None = None) -> dict:
     return agg
 
 
+def run() -> None:
+    """The console entry: SIGTERM writes a checkpoint of the running row and exits with 143
+    (rerun the same command with --resume)."""
+    import sys
+
+    from abd_jax.cli import PREEMPTED_EXIT
+    from abd_jax.resume import Preempted, handle_sigterm
+
+    try:
+        with handle_sigterm():
+            main()
+    except Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
+
+
 if __name__ == "__main__":
-    main()
+    run()
