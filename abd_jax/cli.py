@@ -7,7 +7,6 @@ writes a checkpoint at the next step and exits with status 143.
 
 from __future__ import annotations
 
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -24,7 +23,6 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (with --distributed).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --distributed).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --distributed).")
-PREEMPTED_EXIT = 128 + 15  # what a shell reports for a process ended by SIGTERM
 
 
 def mesh_from_flag(devices: str):
@@ -50,14 +48,10 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
     from abd_jax.jobs import run_job
-    from abd_jax.resume import Preempted, handle_sigterm
+    from abd_jax.resume import run_preemptible
 
-    try:
-        with handle_sigterm():
-            run_job(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value, mesh=mesh_from_flag(_DEVICES.value))
-    except Preempted as e:
-        print(e, file=sys.stderr)
-        sys.exit(PREEMPTED_EXIT)
+    run_preemptible(lambda: run_job(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value,
+                                    mesh=mesh_from_flag(_DEVICES.value)))
 
 
 def run() -> None:

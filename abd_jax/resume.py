@@ -22,7 +22,7 @@ import dataclasses
 import re
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,22 @@ def handle_sigterm() -> Iterator[None]:
 
 def preemption_requested() -> bool:
     return _SIGTERM.is_set()
+
+
+PREEMPTED_EXIT = 128 + 15  # what a shell reports for a process ended by SIGTERM
+
+
+def run_preemptible(main: Callable[[], Any]) -> Any:
+    """Runs a command's `main` under `handle_sigterm`: on SIGTERM the running loop checkpoints and
+    the process exits with status 143 after printing how to continue (--resume)."""
+    import sys
+
+    try:
+        with handle_sigterm():
+            return main()
+    except Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
 
 
 def _dir_name(phase: str) -> str:

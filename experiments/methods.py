@@ -131,19 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run() -> None:
-    """The console entry: SIGTERM writes a checkpoint of the running row and exits with 143
-    (rerun the same command with --resume)."""
-    import sys
+    """The console entry: SIGTERM writes a checkpoint and exits with 143 (rerun with --resume)."""
+    from abd_jax.resume import run_preemptible
 
-    from abd_jax.cli import PREEMPTED_EXIT
-    from abd_jax.resume import Preempted, handle_sigterm
-
-    try:
-        with handle_sigterm():
-            main()
-    except Preempted as e:
-        print(e, file=sys.stderr)
-        sys.exit(PREEMPTED_EXIT)
+    run_preemptible(main)
 
 
 if __name__ == "__main__":

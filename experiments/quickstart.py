@@ -8,7 +8,6 @@ distil it with vanilla ZSKT (with `--abd` also with ZSKT+SV, ZSKT+SR and ZSKT+AB
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -76,15 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run() -> None:
     """The console entry: SIGTERM writes a checkpoint and exits with 143 (rerun with --resume)."""
-    from abd_jax.cli import PREEMPTED_EXIT
-    from abd_jax.resume import Preempted, handle_sigterm
+    from abd_jax.resume import run_preemptible
 
-    try:
-        with handle_sigterm():
-            main()
-    except Preempted as e:
-        print(e, file=sys.stderr)
-        sys.exit(PREEMPTED_EXIT)
+    run_preemptible(main)
 
 
 if __name__ == "__main__":

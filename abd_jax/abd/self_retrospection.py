@@ -345,6 +345,33 @@ def retrospect(
     )
 
 
+def batchmean_sr_hooks(teacher: nn.Module, student: nn.Module, options: Any, temperature: float):
+    """`(student_sr, student_sr_prepare)` hooks (kd.common.DFKDHooks) for SR as the CMI / OOD-KD
+    code base runs it (spec 4.1, 12.4): every KL at the method's KD `temperature`, reduced as
+    batchmean x T^2; the trigger synthesized without an L2 term; the clean side of the outer loss
+    not detached. `options`: an `abd.options.ABDOptions` (sr_rounds, sr_pert_lr, sr_l2, sr_portion,
+    sr_fp_iterations, sr_trigger_model). With the teacher as trigger model (the reference's
+    choice) `student_sr_prepare` synthesizes the trigger from the images alone; with the student it
+    is synthesized inside `student_sr` on every step."""
+    student_apply = train_mode_apply(student)
+    kl = dict(temperature=temperature, reduction="batchmean", kl_scale=temperature * temperature)
+    o = options
+
+    def prepare(teacher_vars: PyTree, x: jax.Array) -> jax.Array:
+        return synthesize_trigger(lambda z: teacher.apply(teacher_vars, z, train=False)[0], x,
+                                  rounds=o.sr_rounds, lr=o.sr_pert_lr, l2=0.0, **kl)
+
+    def student_sr(student_vars: PyTree, teacher_vars: PyTree, x: jax.Array, key: jax.Array, delta=None):
+        if delta is None:  # the student synthesizes its own trigger (the poster's story)
+            delta = synthesize_trigger(lambda z: student_apply(student_vars, z), x, rounds=o.sr_rounds,
+                                       lr=o.sr_pert_lr, l2=0.0, **kl)
+        grads, _ = sr_grads(student_apply, student_vars, x, delta, key, portion=o.sr_portion,
+                            fp_iterations=o.sr_fp_iterations, l2=o.sr_l2, detach_clean=False, **kl)
+        return grads
+
+    return student_sr, (prepare if o.sr_trigger_model == "teacher" else None)
+
+
 class SelfRetrospectionState(NamedTuple):
     """State of `self_retrospection`: the SR gradient's weight, an array leaf (0 = SR off)."""
 

@@ -28,8 +28,8 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from abd_jax.abd.self_retrospection import retrospect, sr_grads, sr_resume_optimizer, synthesize_trigger
-from abd_jax.abd.self_retrospection import train_mode_apply
+from abd_jax.abd.options import ABDOptions
+from abd_jax.abd.self_retrospection import batchmean_sr_hooks, sr_resume_optimizer
 from abd_jax.abd.shuffle_vaccine import init_shuffle_vaccine, make_generator_penalty, suspicion_reports
 from abd_jax.augment import normalize, random_crop_flip
 from abd_jax.data.base import Dataset
@@ -57,7 +57,7 @@ PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class CMIConfig:
+class CMIConfig(ABDOptions):
     """CMI / DeepInversion hyper-parameters. Defaults: the released CMI CIFAR-10 sweep (spec 6.2)
     except the run length (`rounds`; the reference runs 200) which callers set."""
 
@@ -91,26 +91,13 @@ class CMIConfig:
     # "host": one jitted synthesis iteration / KD step driven by a Python loop; "loop": each round in
     # one jit with lax.fori_loop. On XLA:CPU the loop ran ~18x slower per iteration (docs/CMI.md).
     fuse: str = "host"
-    # ABD, Shuffling Vaccine (spec 3.3): its penalty is added to the inversion loss at every
-    # synthesis iteration, on the global view. Not in the released CMI sweep (spec 12.7).
-    sv: bool = False
-    sv_coef: float = 0.1
-    sv_copies: int = 3
-    sv_layers: int = 5
-    sv_verify_after: int = 0  # vaccine verification (spec 3.4); only 0 (SV on from the start) here
-    sv_verify_threshold: float = 0.02
-    # ABD, Self-Retrospection (spec 4): over the last `sr_steps` KD steps (0 = off), a multiple of
-    # kd_steps; CMI's SR uses KLDiv at kd_temperature, batchmean x T^2, teacher-made trigger without
-    # an L2 penalty, the clean side not detached (spec 4.1, 12.4).
+    # ABD (the shared ABDOptions fields, abd_jax/abd/options.py). The vaccine's penalty is added to
+    # the inversion loss at every synthesis iteration, on the global view (not in the released CMI
+    # sweep, spec 12.7); verification (sv_verify_after > 0) is not implemented for CMI. SR runs over
+    # the last `sr_steps` KD steps (0 = off), a multiple of kd_steps; CMI's SR uses KLDiv at
+    # kd_temperature, batchmean x T^2, teacher-made trigger without an L2 penalty, the clean side not
+    # detached (spec 4.1, 12.4).
     sr_steps: int = 0
-    sr_coef: float = 1.0
-    sr_resume_lr: float = 5e-4
-    sr_rounds: int = 10
-    sr_pert_lr: float = 0.1
-    sr_l2: float = 1e-3
-    sr_portion: float = 0.02
-    sr_fp_iterations: int = 5
-    sr_trigger_model: str = "teacher"
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
@@ -240,30 +227,10 @@ def make_round(synthesis_round, kd) -> Any:
 
 
 def sr_hooks(teacher, student, cfg: CMIConfig) -> DFKDHooks:
-    """CMI's SR (the reference's `UnlearnOptimizer`, spec 4.1): a trigger from the teacher (eval) by
-    `sr_rounds` Adam steps at `sr_pert_lr` maximizing KL without an L2 term, then the fixed-point
-    hypergradient with the inner L2 `sr_l2`; every KL at kd_temperature, batchmean x T^2, the clean
-    side of the outer loss not detached (spec 12.4). A new batch every KD step, so the trigger is
-    synthesized every step."""
-    student_apply = train_mode_apply(student)
-    t = cfg.kd_temperature
-    kl = dict(temperature=t, reduction="batchmean", kl_scale=t * t)
-    kw = dict(portion=cfg.sr_portion, fp_iterations=cfg.sr_fp_iterations, l2=cfg.sr_l2, detach_clean=False, **kl)
-
-    def prepare(teacher_vars: PyTree, x: jax.Array) -> jax.Array:
-        return synthesize_trigger(lambda inputs: teacher.apply(teacher_vars, inputs, train=False)[0], x,
-                                  rounds=cfg.sr_rounds, lr=cfg.sr_pert_lr, l2=0.0, **kl)
-
-    def student_sr(student_vars: PyTree, teacher_vars: PyTree, x: jax.Array, key: jax.Array, delta=None):
-        if delta is None:  # the student synthesizes its own trigger (not the reference's CMI choice)
-            grads, _ = retrospect(student_apply, student_vars, x, key, trigger_logits_fn="student",
-                                  rounds=cfg.sr_rounds, pert_lr=cfg.sr_pert_lr, trigger_l2=0.0, **kw)
-        else:
-            grads, _ = sr_grads(student_apply, student_vars, x, delta, key, **kw)
-        return grads
-
-    return DFKDHooks(student_sr=student_sr,
-                     student_sr_prepare=prepare if cfg.sr_trigger_model == "teacher" else None)
+    """CMI's SR (the reference's `UnlearnOptimizer`, spec 4.1) at T = kd_temperature
+    (`batchmean_sr_hooks`). A new batch every KD step, so the trigger is synthesized every step."""
+    student_sr, prepare = batchmean_sr_hooks(teacher, student, cfg, cfg.kd_temperature)
+    return DFKDHooks(student_sr=student_sr, student_sr_prepare=prepare)
 
 
 def _student_tx(cfg: CMIConfig) -> optax.GradientTransformation:

@@ -32,7 +32,8 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from abd_jax.abd.self_retrospection import sr_grads, sr_resume_optimizer, synthesize_trigger, train_mode_apply
+from abd_jax.abd.options import ABDOptions
+from abd_jax.abd.self_retrospection import batchmean_sr_hooks, sr_resume_optimizer
 from abd_jax.abd.shuffle_vaccine import (
     init_shuffle_vaccine,
     make_divergence_fn,
@@ -60,7 +61,7 @@ SPEC_STEPS = 300 * (50_000 // 512)
 
 
 @dataclasses.dataclass(frozen=True)
-class OODConfig:
+class OODConfig(ABDOptions):
     """OOD-KD hyper-parameters; defaults are spec 6.3 (CIFAR-10 recipe) unless marked."""
 
     steps: int = SPEC_STEPS
@@ -95,28 +96,14 @@ class OODConfig:
     flip: bool = True
     crop_pad: int = 4
     eval_every: int = 0  # 0: ten evaluations per run
-    # ABD, Shuffling Vaccine (spec 3.3: re-weights the KD loss). sv_verify_after = 0: SV on from
-    # the start (the released OOD sweep); P > 11: P warm-up steps with SV off, batches 11..P-1
-    # pooled, then the tail-ratio test (spec 3.4).
-    sv: bool = False
-    sv_coef: float = 0.1
-    sv_copies: int = 3
-    sv_layers: int = 5
-    sv_verify_after: int = 0
-    sv_verify_threshold: float = 0.02
-    # ABD, Self-Retrospection (spec 4): over the last `sr_steps` steps, resumed with a fresh Adam
-    # at `sr_resume_lr` (cosine over those steps). The OOD code base scales the SR KL as
-    # batchmean * T^2 at T = `temperature` (spec 12.4) and synthesizes the trigger without an L2
-    # term (spec 4.1.1); `sr_l2` is the inner problem's penalty.
+    # ABD (the shared ABDOptions fields, abd_jax/abd/options.py). The vaccine re-weights the KD loss
+    # (spec 3.3); with sv_verify_after = P > 11, P warm-up steps with SV off, batches 11..P-1 pooled,
+    # then the tail-ratio test (spec 3.4). SR runs over the last `sr_steps` steps, resumed with a
+    # fresh Adam at `sr_resume_lr` (cosine over those steps). The OOD code base scales the SR KL as
+    # batchmean * T^2 at T = `temperature` (spec 12.4) and synthesizes the trigger without an L2 term
+    # (spec 4.1.1); `sr_l2` is the inner problem's penalty; the trigger model is the teacher in the
+    # reference (spec 12.1).
     sr_steps: int = 0
-    sr_coef: float = 1.0
-    sr_resume_lr: float = 5e-4
-    sr_rounds: int = 10
-    sr_pert_lr: float = 0.1
-    sr_l2: float = 1e-3
-    sr_portion: float = 0.02
-    sr_fp_iterations: int = 5
-    sr_trigger_model: str = "teacher"  # CMI/OOD hard-code the teacher (spec 12.1)
 
     def __post_init__(self) -> None:
         choices = {"student": MODEL_NAMES, "patch_color": PATCH_COLORS, "sr_trigger_model": ("teacher", "student")}
@@ -235,25 +222,9 @@ def make_ood_step(
 
 
 def sr_hooks(teacher, student, cfg: OODConfig) -> tuple[Callable, Callable | None]:
-    """(student_sr, student_sr_prepare) for OOD-KD (spec 4.1 in the CMI/OOD code base): the
-    teacher's trigger with no L2 term, the KL as batchmean * T^2 at T = cfg.temperature (spec
-    12.4), the clean side of the outer loss not detached (spec 4.1.3)."""
-    student_apply = train_mode_apply(student)
-    kl = dict(temperature=cfg.temperature, reduction="batchmean", kl_scale=cfg.temperature ** 2)
-
-    def prepare(teacher_vars: PyTree, x: jax.Array) -> jax.Array:
-        return synthesize_trigger(lambda z: teacher.apply(teacher_vars, z, train=False)[0], x,
-                                  rounds=cfg.sr_rounds, lr=cfg.sr_pert_lr, l2=0.0, **kl)
-
-    def student_sr(student_vars: PyTree, teacher_vars: PyTree, x: jax.Array, key: jax.Array, delta=None):
-        if delta is None:  # the student synthesizes its own trigger (the poster's story)
-            delta = synthesize_trigger(lambda z: student_apply(student_vars, z), x, rounds=cfg.sr_rounds,
-                                       lr=cfg.sr_pert_lr, l2=0.0, **kl)
-        grads, _ = sr_grads(student_apply, student_vars, x, delta, key, portion=cfg.sr_portion,
-                            fp_iterations=cfg.sr_fp_iterations, l2=cfg.sr_l2, detach_clean=False, **kl)
-        return grads
-
-    return student_sr, (prepare if cfg.sr_trigger_model == "teacher" else None)
+    """(student_sr, student_sr_prepare) for OOD-KD: SR as the CMI/OOD code base runs it, at
+    T = cfg.temperature (`batchmean_sr_hooks`)."""
+    return batchmean_sr_hooks(teacher, student, cfg, cfg.temperature)
 
 
 def _source(cfg: OODConfig, size: int) -> jax.Array:

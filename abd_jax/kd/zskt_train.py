@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from abd_jax.abd.options import ABDOptions
 from abd_jax.abd.self_retrospection import (
     retrospect,
     sr_grads,
@@ -54,7 +55,7 @@ PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class ZSKTConfig:
+class ZSKTConfig(ABDOptions):
     """ZSKT hyper-parameters (spec 6.1 defaults)."""
 
     pseudo_batches: int = 80_000
@@ -85,28 +86,10 @@ class ZSKTConfig:
     fuse: str = "unroll"
     scan_unroll: int = 1
     eval_every: int = 0  # 0: ten evaluations per run
-    # ABD, Shuffling Vaccine (spec 3): penalty in the generator step.
-    sv: bool = False
-    sv_coef: float = 0.1
-    sv_copies: int = 3
-    sv_layers: int = 5
-    # Vaccine verification (spec 3.4): 0 keeps SV on from the start (the released ZSKT-CIFAR10
-    # sweep); P > 0 runs P warm-up pseudo-batches with SV off, pools generator samples from
-    # pseudo-batch 11 on, and switches SV on only if a shuffle passes the tail-ratio test
-    # (ZSKT-GTSRB: P = 50).
-    sv_verify_after: int = 0
-    sv_verify_threshold: float = 0.02  # the tail ratio a shuffle must exceed (spec 3.4 step 3)
-    # ABD, Self-Retrospection (spec 4): over the last `sr_pseudo_batches`, resumed with a fresh
-    # Adam at `sr_resume_lr` (cosine over the remaining pseudo-batches, no clipping), spec 4.2.
+    # ABD (the shared ABDOptions fields, abd_jax/abd/options.py): the vaccine's penalty enters the
+    # generator step; SR runs over the last `sr_pseudo_batches`, resumed with a fresh Adam at
+    # `sr_resume_lr` (cosine over the remaining pseudo-batches, no clipping), spec 4.2.
     sr_pseudo_batches: int = 0
-    sr_coef: float = 1.0
-    sr_resume_lr: float = 5e-4
-    sr_rounds: int = 10
-    sr_pert_lr: float = 0.1
-    sr_l2: float = 1e-3
-    sr_portion: float = 0.02
-    sr_fp_iterations: int = 5
-    sr_trigger_model: str = "teacher"  # the released sweeps; "student" is the poster's story
     # How the SR phase's pseudo-batch is compiled: "host" jits one SR student step and loops over
     # it in Python (compiles in ~1/10 of the time of "unroll", same values); see make_pseudo_batch.
     sr_fuse: str = "host"

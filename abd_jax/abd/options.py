@@ -1,0 +1,44 @@
+"""The ABD settings every data-free KD method's typed config carries (spec 3 and 4 defaults).
+
+ZSKTConfig, CMIConfig and OODConfig inherit these fields, so "+ABD" means the same switches in
+every method (`abd_jax.methods.with_abd`). The length of the SR phase is each method's own field
+(`sr_pseudo_batches` for the ZSKT family, `sr_steps` for CMI and OOD-KD), in its own steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class ABDOptions:
+    """Shuffling Vaccine (spec 3) and Self-Retrospection (spec 4) settings.
+
+    sv: use the vaccine (a penalty in the generator / inversion loss, or OOD-KD's per-sample
+      weights, spec 3.3) with coefficient `sv_coef` (lambda), `sv_copies` shuffled teachers whose
+      last `sv_layers` conv kernels have their input channels permuted (spec 3.1).
+    sv_verify_after: 0 keeps SV on from the start (the released ZSKT-CIFAR10 and OOD sweeps);
+      P > 0 first runs P steps with SV off, pools samples, and switches SV on only if a shuffle
+      passes the tail-ratio test at `sv_verify_threshold` (spec 3.4; ZSKT-GTSRB: P = 50).
+    sr_*: Self-Retrospection, resumed with a fresh Adam at `sr_resume_lr` for the SR phase
+      (spec 4.2); the trigger is synthesized in `sr_rounds` Adam steps at `sr_pert_lr` by
+      `sr_trigger_model` ("teacher": the released sweeps; "student": the poster's story), applied
+      to a `sr_portion` of each batch, and unlearned through the implicit hypergradient with
+      `sr_fp_iterations` fixed-point iterations and inner L2 `sr_l2` (spec 4.1); `sr_coef` scales
+      the SR gradient added to the KD gradient.
+    """
+
+    sv: bool = False
+    sv_coef: float = 0.1
+    sv_copies: int = 3
+    sv_layers: int = 5
+    sv_verify_after: int = 0
+    sv_verify_threshold: float = 0.02
+    sr_coef: float = 1.0
+    sr_resume_lr: float = 5e-4
+    sr_rounds: int = 10
+    sr_pert_lr: float = 0.1
+    sr_l2: float = 1e-3
+    sr_portion: float = 0.02
+    sr_fp_iterations: int = 5
+    sr_trigger_model: str = "teacher"
