@@ -2,104 +2,43 @@
 [--methods cmi ood ...] [--triggers badnets_grid trojan_wm] [--seeds 0 1 2] [--abd-parts sv sr] [--smoke]
 [--resume]`.
 
-For each trigger and seed: train (or reuse) the poisoned teacher on the embedded digits, then run
-each method's config (experiments/configs/<method>.py) twice, vanilla and +ABD, into
-DIR/<trigger>/seed_<seed>/<method>[+abd]. Rows already finished (recorded in that seed's
-rows.json) are not rerun, so an interrupted sweep continues where it stopped; `--resume` also
-continues the row that was interrupted from its checkpoints. Writes DIR/results.json (every value
-and the mean and standard deviation over seeds) and DIR/summary.md, and prints the method x
-(vanilla, +ABD) table of Acc / ASR / clean target rate.
+A table of experiments.tables built from the flags: one line per trigger, the columns teacher,
+<method> and <method>+abd for each method (each with its config file's settings,
+experiments/configs/<method>.py, and the quickstart's teacher; the ZSKT columns run the spec 9.4
+ablation with the quickstart's `--abd` settings). Rows go to the shared row store DIR/rows/ (a
+finished row is never rerun; `--resume` continues the one that was interrupted), the report to
+DIR/methods_sweep/ (report.md with the paper's numbers where it has them, results.json, plots).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
-import time
+import sys
 from pathlib import Path
 
-from abd_jax.jobs import checkpoint_policy, discard_checkpoints, run_method, teacher_and_eval
 from abd_jax.methods import ABD_PARTS, METHODS
-from abd_jax.report import fmt, markdown_table, write_json, write_text
-from experiments.quickstart_seeds import METRICS, mean_std
+from experiments.configs.tables.base import table_config
+from experiments.configs.tables.methods import PAPER
 
 DEFAULT_METHODS = ("cmi", "ood")
 DEFAULT_TRIGGERS = ("badnets_grid", "trojan_wm")
 
 
-def method_cfg(method: str, trigger: str, seed: int, smoke: bool):
-    """The method's config file with the sweep's trigger and seed, and the quickstart's teacher: a
-    comparison of methods distils one teacher per trigger and seed (the ZSKT config alone trains
-    the spec's WRN-16-2 by default, docs/ZSKT.md)."""
-    from experiments.configs.quickstart import get_config as quickstart_config
-
-    arg = "smoke" if smoke else None
-    cfg = importlib.import_module(f"experiments.configs.{method}").get_config(arg)
-    cfg.teacher = quickstart_config(arg).teacher
-    cfg.attack.trigger = trigger
-    cfg.seed = seed
-    return cfg
-
-
-def run_seed(workdir: Path, methods: list[str], trigger: str, seed: int, abd_parts: tuple[str, ...],
-             smoke: bool, resume: bool) -> dict:
-    """One trigger and seed: the teacher, then each method vanilla and +ABD. Returns
-    {"teacher": metrics, "rows": {row: metrics}}; rows.json records each finished row."""
-    rows_file = workdir / "rows.json"
-    done = json.loads(rows_file.read_text()) if rows_file.exists() else {"rows": {}}
-    for method in methods:
-        cfg = method_cfg(method, trigger, seed, smoke)
-        # The teacher depends only on data, attack, teacher config and seed, which every method
-        # config shares: trained once per trigger and seed, reused (fingerprint) by every row.
-        policy = checkpoint_policy(cfg, workdir, resume)
-        dataset, eval_sets, teacher, tvars, meta = teacher_and_eval(cfg, workdir, policy)
-        done["teacher"] = {k: meta[k] for k in METRICS if k in meta}
-        for name, parts in ((method, ()), (f"{method}+abd", abd_parts)):
-            if name in done["rows"]:
-                continue
-            t0 = time.time()
-            row = run_method(cfg, workdir, method, name=name, abd_parts=parts, dataset=dataset,
-                             eval_sets=eval_sets, teacher=teacher, tvars=tvars, checkpoint=policy)
-            done["rows"][name] = {**row, "wall_s": round(time.time() - t0, 1)}
-            done.setdefault("config", {})[method] = cfg.to_dict()
-            write_json(rows_file, done)
-            discard_checkpoints(policy)  # the row's results are written; its checkpoints are not needed
-    return done
-
-
-def aggregate(per_run: dict[tuple[str, int], dict], methods: list[str]) -> dict:
-    """{trigger: {row: {metric: {mean, std, values}}}} over the seeds, teacher first."""
-    out: dict[str, dict] = {}
-    for trigger in dict.fromkeys(t for t, _ in per_run):
-        runs = [r for (t, _), r in per_run.items() if t == trigger]
-        names = ["teacher", *(n for m in methods for n in (m, f"{m}+abd"))]
-        out[trigger] = {
-            name: {k: mean_std([float((r["teacher"] if name == "teacher" else r["rows"][name])[k]) for r in runs])
-                   for k in METRICS}
-            for name in names
-        }
-    return out
-
-
-def table(agg: dict, methods: list[str]) -> str:
-    """Method x (vanilla, +ABD): Acc / ASR / clean target rate, mean ± std over seeds."""
-
-    def cell(v: dict) -> str:
-        return " / ".join(f"{fmt(v[k]['mean'])} ± {fmt(v[k]['std'])}" for k in METRICS)
-
-    header = ["trigger", "method", "teacher", "vanilla", "+ABD", "ASR % per seed (vanilla -> +ABD)"]
-    body = []
-    for trigger, rows in agg.items():
-        for m in methods:
-            van, abd = rows[m], rows[f"{m}+abd"]
-            per_seed = ", ".join(f"{fmt(a)} -> {fmt(b)}" for a, b in zip(van["asr"]["values"], abd["asr"]["values"]))
-            body.append([trigger, m, cell(rows["teacher"]), cell(van), cell(abd), per_seed])
-    return ("Each cell: Acc / ASR / clean target rate in %, mean ± std over seeds.\n\n"
-            + markdown_table(header, body))
+def sweep_table(methods: list[str], triggers: list[str], seeds: list[int], abd_parts: list[str], smoke: bool):
+    """The table the flags describe (experiments/configs/tables/base.table_config)."""
+    columns = ["teacher", *(c for m in methods for c in (m, f"{m}+abd"))]
+    paper = {t: {c: v for c, v in PAPER[t].items() if c in columns} for t in triggers if t in PAPER}
+    t = table_config("methods_sweep", "smoke" if smoke else "digits", title="Data-free KD methods with and without ABD",
+                     spec="9.2", columns=columns, groups={t: {"trigger": t} for t in triggers}, paper=paper,
+                     abd_parts={m: list(abd_parts) for m in methods},
+                     note="Paper: CIFAR-10, WRN-16-2 -> WRN-16-1 (spec 9.2).")
+    t.seeds = list(seeds)
+    return t
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from experiments.tables import run_table
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=sorted(METHODS))
@@ -110,24 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--smoke", action="store_true", help="seconds-long runs for tests")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted row from its checkpoints")
     args = ap.parse_args(argv)
-    workdir = Path(args.workdir)
-    t0 = time.time()
-    per_run = {(t, s): run_seed(workdir / t / f"seed_{s}", args.methods, t, s, tuple(args.abd_parts), args.smoke,
-                                args.resume)
-               for t in args.triggers for s in args.seeds}
-    agg = aggregate(per_run, args.methods)
-    text = table(agg, args.methods)
-    wall = {f"{t}/seed_{s}": {n: r["wall_s"] for n, r in run["rows"].items()} for (t, s), run in per_run.items()}
-    write_json(workdir / "results.json", {
-        "methods": args.methods, "triggers": args.triggers, "seeds": args.seeds, "abd_parts": args.abd_parts,
-        "rows": agg, "per_run": {f"{t}/seed_{s}": r for (t, s), r in per_run.items()}, "wall_s": wall,
-        "total_wall_s": round(time.time() - t0, 1),
-    })
-    write_text(workdir / "summary.md", "# Data-free KD methods with and without ABD (embedded digits)\n\n" + text
-               + f"\n+ABD = {', '.join(args.abd_parts)}; seeds {', '.join(map(str, args.seeds))}. Per-row "
-               "results, curves and samples under each trigger/seed directory.\n")
-    print(text)
-    return agg
+    table = sweep_table(args.methods, args.triggers, args.seeds, args.abd_parts, args.smoke)
+    command = "python -m experiments.methods " + " ".join(argv if argv is not None else sys.argv[1:])
+    return run_table(table, Path(args.workdir), resume=args.resume, command=command)
 
 
 def run() -> None:

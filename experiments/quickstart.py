@@ -20,10 +20,7 @@ from abd_jax.jobs import (
     teacher_and_eval,
     write_results,
 )
-from experiments.configs.quickstart import get_config
-
-QUICKSTART_SR_COEF = 50.0
-QUICKSTART_SV_VERIFY_AFTER = 50
+from experiments.configs.quickstart import add_abd_settings, get_config
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,20 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     cfg = get_config("smoke" if args.smoke else None)
     cfg.seed = args.seed
-    if args.abd:  # SR over the last k pseudo-batches of each run (spec 4.2 resume)
-        cfg.zskt.sr_pseudo_batches = 1 if args.smoke else 10
-        # The reference adds the SR gradient unweighted but over 4,010-6,010 SR steps; here SR
-        # has 100. Weighting it by 50 stands in for the missing steps; chosen with
-        # experiments/sr_sweep.py on seed 0 (coef 1 / 25 / 50 / 100: ASR 78.3 / 20.4 / 13.5 /
-        # 18.0), docs/ABD_SR.md.
-        cfg.zskt.sr_coef = QUICKSTART_SR_COEF
-        # SV only where a proper vaccine is found (the paper's policy, spec 3.4), with the ZSKT-GTSRB
-        # sweep's P = 50: the vanilla run's first 50 pseudo-batches are the warm-up, and a rejected
-        # vaccine makes the SV rows the vanilla rows (distill_zskt_ablation). The smoke run is too
-        # short to verify and keeps SV always on (the ZSKT-CIFAR10 sweep's P = 0).
-        cfg.zskt.sv_verify_after = 0 if args.smoke else QUICKSTART_SV_VERIFY_AFTER
-        if args.smoke:
-            cfg.zskt.sr_rounds, cfg.zskt.sr_fp_iterations = 2, 2
+    if args.abd:
+        add_abd_settings(cfg, args.smoke)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -1,8 +1,7 @@
 """The method registry (abd_jax/methods.py), the method configs, and the method x (vanilla, +ABD)
-runner (experiments/methods.py)."""
+sections the table runner gives each method (experiments/configs/tables/base.py)."""
 
 import importlib
-import json
 
 import pytest
 
@@ -21,11 +20,16 @@ def test_every_method_has_a_config_that_builds_its_typed_config(method, arg):
     assert not typed.sv and getattr(typed, METHODS[method].sr_field) == 0  # the config as written is vanilla
     abd = with_abd(method, typed, sr_steps=cfg.abd.sr_steps)
     assert abd.sv and getattr(abd, METHODS[method].sr_field) == cfg.abd.sr_steps > 0
-    # The runner gives every row the quickstart's teacher, so one saved teacher serves all rows.
+    # The table runner (experiments.tables, experiments.methods) gives every row the method's own
+    # section and the quickstart's teacher, so one saved teacher serves all rows.
     from experiments.configs.quickstart import get_config as quickstart_config
-    from experiments.methods import method_cfg
+    from experiments.configs.tables.base import job_config
 
-    assert method_cfg(method, "blend", 3, arg == "smoke").teacher == quickstart_config(arg).teacher
+    job = job_config("smoke" if arg else "digits")
+    assert job.teacher == quickstart_config(arg).teacher
+    if method != "zskt":  # the tables' ZSKT section carries the quickstart's --abd settings
+        assert job.sections[method] == cfg[section]
+        assert job.sr_steps[method] == cfg.abd.sr_steps
 
 
 def test_unknown_method_field_and_abd_part_name_the_fix():
@@ -45,28 +49,3 @@ def test_unknown_method_field_and_abd_part_name_the_fix():
 def test_fixed_settings_win_over_the_section():
     # A "dfad" job is DFAD even when its section says otherwise.
     assert method_config("dfad", {"method": "zskt"}).method == "dfad"
-
-
-def test_methods_runner_smoke_writes_the_table_and_skips_finished_rows(tmp_path, capsys):
-    from experiments import methods
-
-    argv = [f"--workdir={tmp_path}", "--smoke", "--methods", "ood", "--triggers", "badnets_grid", "--seeds", "0",
-            "--abd-parts", "sv"]
-    agg = methods.main(argv)
-    out = capsys.readouterr().out
-    assert "| badnets_grid | ood |" in out
-    res = json.loads((tmp_path / "results.json").read_text())
-    assert set(res["rows"]["badnets_grid"]) == {"teacher", "ood", "ood+abd"}
-    assert res["abd_parts"] == ["sv"]
-    seed_dir = tmp_path / "badnets_grid" / "seed_0"
-    rows = json.loads((seed_dir / "rows.json").read_text())["rows"]
-    for name in ("ood", "ood+abd"):
-        assert {"acc", "asr", "clean_target_rate", "wall_s"} <= set(rows[name])
-        assert (seed_dir / name / "curves.png").exists() and (seed_dir / name / "student").exists()
-    assert (seed_dir / "ood+abd" / "suspicion.json").exists()  # the SV row's report
-    assert not (seed_dir / "ood" / "suspicion.json").exists()
-    assert not (seed_dir / "checkpoints").exists()
-    # A second call finds every row done: nothing is retrained, the table is the same.
-    stamp = (seed_dir / "ood" / "history.json").stat().st_mtime
-    assert methods.main(argv) == agg
-    assert (seed_dir / "ood" / "history.json").stat().st_mtime == stamp

@@ -1,0 +1,159 @@
+"""experiments.tables: every table config builds at every scale, and one line of each table runs
+through the runner (smoke scale) into a report beside the paper's numbers."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from abd_jax.methods import METHODS
+from experiments import tables
+from experiments.configs.tables.base import SCALES
+
+TABLE_DIR = Path(__file__).parents[1] / "experiments" / "configs" / "tables"
+TABLES = sorted(p.stem for p in TABLE_DIR.glob("*.py") if p.stem not in ("__init__", "base"))
+# The line each table runs in the smoke test: the BadNets-grid line, which every table has, so the
+# four tables share one teacher and one ZSKT ablation through the row store.
+SMOKE_LINE = "badnets_grid"
+
+
+def test_the_five_tables_of_spec_9_are_there():
+    assert TABLES == ["ablation", "datasets", "methods", "teachers", "zskt_attacks"]
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_table_config_is_consistent_at_every_scale(name):
+    for scale in SCALES:
+        t = tables.load_table(f"{TABLE_DIR / name}.py:{scale}")
+        assert t.scale == scale and t.seeds == [0, 1, 2]
+        assert (TABLE_DIR / f"{name}.py").read_text().startswith(
+            f'"""python -m experiments.tables --table experiments/configs/tables/{name}.py')
+        for col in t.columns:
+            assert col in ("teacher", "clean_kd") or col.partition("+")[0] in METHODS, col
+        assert set(t.paper) <= set(t.groups)
+        for label, cells in t.paper.items():
+            assert set(cells) <= set(t.columns), (label, cells)
+            assert all(0 <= v <= 100 for cell in cells.values() for v in cell)
+        for label, g in t.groups.items():
+            cfg = tables.group_job_config(t, label)
+            if g["dataset"] == "gtsrb" and scale in ("digits", "smoke"):
+                assert cfg is None
+                continue
+            assert cfg.attack.trigger == g["trigger"]
+            assert cfg.teacher.model == (g["teacher"] or cfg.teacher.model)
+            if g["dataset"] == "gtsrb":
+                assert (cfg.data.name, cfg.attack.target) == ("gtsrb", 1)
+
+
+def test_paper_scale_configs_follow_the_spec():
+    t = tables.load_table(f"{TABLE_DIR / 'datasets'}.py:cifar10")
+    cfg = tables.group_job_config(t, "wrn40_2_trojan_wm")
+    assert (cfg.data.name, cfg.data.image_size, cfg.teacher.model) == ("cifar10", 32, "wrn40_2")
+    assert (cfg.zskt.pseudo_batches, cfg.zskt.sr_pseudo_batches, cfg.teacher.epochs) == (80_000, 601, 200)
+    g = tables.group_job_config(t, "gtsrb_badnets_grid")
+    assert (g.zskt.pseudo_batches, g.zskt.sr_pseudo_batches, g.zskt.sv_verify_after) == (10_000, 201, 50)
+
+
+def test_abd_columns_name_the_parts_they_ran():
+    parts = {"zskt": ["sv"], "cmi": ["sr", "sv"], "ood": ["sv"]}
+    assert tables.source_row("zskt+abd", parts) == "zskt+sv"  # the ablation's SV-only row
+    assert tables.source_row("zskt+abd", {"zskt": ["sv", "sr"]}) == "zskt+abd"
+    assert tables.source_row("cmi+abd", parts) == "cmi+abd"
+    assert tables.source_row("ood+abd", parts) == "ood+sv"
+    assert tables.source_row("ood", parts) == "ood"
+
+
+def test_bad_table_arguments_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="unknown scale"):
+        tables.load_table(f"{TABLE_DIR / 'ablation'}.py:imagenet")
+    with pytest.raises(FileNotFoundError, match="experiments/configs/tables"):
+        tables.load_table("nope.py")
+    with pytest.raises(ValueError, match="it has: badnets_grid, trojan_wm"):
+        tables.main(["--table", f"{TABLE_DIR / 'ablation'}.py:smoke", "--workdir", str(tmp_path), "--groups", "x"])
+
+
+@pytest.fixture(scope="module")
+def table_runs(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tables")
+    runs = {name: tables.main(["--table", f"{TABLE_DIR / name}.py:smoke", "--workdir", str(workdir),
+                               "--groups", SMOKE_LINE, "--seeds", "0"]) for name in TABLES}
+    return workdir, runs
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_one_line_of_each_table_runs_into_a_report(table_runs, name):
+    workdir, runs = table_runs
+    t = tables.load_table(f"{TABLE_DIR / name}.py:smoke")
+    res = json.loads((workdir / name / "results.json").read_text())
+    assert res["scale"] == "smoke" and res["command"].startswith("python -m experiments.tables")
+    for col in t.columns:
+        cell = res["rows"][SMOKE_LINE][col]
+        assert 0 <= cell["acc"]["mean"] <= 100 and 0 <= cell["asr"]["mean"] <= 100
+        assert cell["asr"]["values"] == [runs[name][SMOKE_LINE][0]["rows"][tables.source_row(col, t.abd_parts)]["asr"]]
+    report = (workdir / name / "report.md").read_text()
+    assert "| paper |" in report
+    paper = t.paper.get(SMOKE_LINE, {})
+    for col, (acc, asr) in paper.items():  # the paper's numbers are printed beside ours
+        assert f"{acc:.1f} / {asr:.1f}" in report
+    assert (workdir / name / "acc_asr.png").stat().st_size > 0
+    if name != "teachers":
+        assert (workdir / name / f"curves_{SMOKE_LINE}.png").exists()
+        assert (workdir / name / f"samples_{SMOKE_LINE}.png").exists()
+
+
+def test_tables_share_rows_and_report_only_rebuilds(table_runs):
+    workdir, runs = table_runs
+    store = list((workdir / "rows").rglob("rows.json"))
+    assert len(store) == 1  # one teacher, trigger and seed for all five tables
+    rows = json.loads(store[0].read_text())["rows"]
+    assert {"teacher", *tables.ZSKT_ROWS, "clean_kd", "cmi", "cmi+abd", "ood", "ood+sv"} <= set(rows)
+    for row in ("zskt+sv", "zskt+abd", "ood+sv"):  # the per-sample suspicion report of each SV run
+        summary = json.loads((store[0].parent / row / "suspicion.json").read_text())
+        assert {"clean_test", "triggered_test"} <= set(summary), summary
+        assert (store[0].parent / row / "suspicion.npz").exists()
+    assert not (store[0].parent / "zskt" / "suspicion.json").exists()
+    sr_hist = json.loads((store[0].parent / "zskt+abd" / "history.json").read_text())
+    assert sr_hist[-1].get("sr") == 1.0 and sr_hist[-1]["step"] == 2  # SR over the last pseudo-batch
+    assert not (store[0].parent / "checkpoints").exists()
+    before = json.loads((workdir / "ablation" / "results.json").read_text())["rows"]
+    tables.main(["--table", f"{TABLE_DIR / 'ablation'}.py:smoke", "--workdir", str(workdir), "--seeds", "0",
+                 "--report-only"])
+    after = json.loads((workdir / "ablation" / "results.json").read_text())
+    assert after["rows"][SMOKE_LINE] == before[SMOKE_LINE]
+    assert "trojan_wm" in after["rows"] and after["rows"]["trojan_wm"] == {}  # not run: no rows, no numbers
+    ds = json.loads((workdir / "datasets" / "results.json").read_text())
+    assert ds["skipped"] == []  # only the BadNets line was asked for
+
+
+def test_a_row_made_by_another_config_is_an_error(table_runs, tmp_path):
+    workdir, _ = table_runs
+    store = next((workdir / "rows").rglob("rows.json"))
+    saved = store.read_text()
+    data = json.loads(saved)
+    data["keys"]["clean_kd"] = "0" * 16
+    store.write_text(json.dumps(data))
+    try:
+        with pytest.raises(ValueError, match="different config"):
+            tables.main(["--table", f"{TABLE_DIR / 'ablation'}.py:smoke", "--workdir", str(workdir),
+                         "--groups", SMOKE_LINE, "--seeds", "0"])
+    finally:
+        store.write_text(saved)
+
+
+def test_methods_command_is_a_table_on_the_same_store(table_runs, capsys):
+    """experiments.methods builds a table from its flags; its rows are the tables' rows, so this
+    call finds every row done and only writes the report."""
+    from experiments import methods
+
+    workdir, runs = table_runs
+    stamp = next((workdir / "rows").rglob("ood/history.json")).stat().st_mtime
+    got = methods.main([f"--workdir={workdir}", "--smoke", "--methods", "ood", "zskt", "--triggers", "badnets_grid",
+                        "--seeds", "0", "--abd-parts", "sv"])
+    assert got[SMOKE_LINE][0]["rows"] == runs["methods"][SMOKE_LINE][0]["rows"]
+    assert next((workdir / "rows").rglob("ood/history.json")).stat().st_mtime == stamp  # nothing rerun
+    res = json.loads((workdir / "methods_sweep" / "results.json").read_text())
+    assert set(res["rows"][SMOKE_LINE]) == {"teacher", "ood", "ood+abd", "zskt", "zskt+abd"}
+    assert res["abd_parts"]["ood"] == ["sv"] and res["paper"][SMOKE_LINE]["ood+abd"] == [78.2, 14.5]
+    # +ABD = SV for ZSKT here: the ablation's zskt+sv row.
+    assert res["per_seed"][SMOKE_LINE]["0"]["zskt+sv"]["asr"] == res["rows"][SMOKE_LINE]["zskt+abd"]["asr"]["mean"]
+    assert "| badnets_grid |" in capsys.readouterr().out
