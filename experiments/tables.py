@@ -53,8 +53,12 @@ EMBEDDED = ("digits", "smoke")
 
 
 def load_table(spec: str):
-    """`path/to/table.py[:scale]` -> the table's ConfigDict."""
+    """`path/to/table.py[:scale]`, or a table's name (`ablation[:scale]`) -> the table's ConfigDict."""
     path, _, arg = spec.partition(":")
+    if "/" not in path and not path.endswith(".py"):  # a name: the config shipped with the package
+        import experiments.configs.tables as shipped
+
+        path = str(Path(shipped.__file__).parent / f"{path}.py")
     if not Path(path).is_file():
         raise FileNotFoundError(f"no table config {path!r}; the tables are experiments/configs/tables/*.py")
     mod_spec = importlib.util.spec_from_file_location(f"_table_{Path(path).stem}", path)
@@ -277,6 +281,11 @@ def write_report(workdir: Path, table, per_line: dict, skipped: list[str], comma
     out.mkdir(parents=True, exist_ok=True)
     agg = aggregate(table, per_line)
     text = report_table(table, agg, skipped)
+    rejected = [f"{label} seed {s}" for label, seeds in per_line.items() for s, run in seeds.items()
+                if any(r.get("sv_vaccine") == "rejected" for r in run["rows"].values())]
+    if rejected:  # spec 3.4: no shuffle passed the tail-ratio test, so SV stayed off
+        text += (f"\nThe vaccine failed verification (spec 3.4) on {', '.join(rejected)}: SV stayed off there, so "
+                 "each +SV row equals the row without SV (+ABD = +SR).\n")
     plot_comparison(out / "acc_asr.png", table, agg)
     figures = {}
     for label, seeds in per_line.items():
@@ -335,7 +344,8 @@ def run_table(table, workdir: Path, labels: list[str] | None = None, *, resume: 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--table", required=True, help="experiments/configs/tables/<table>.py[:digits|cifar10|gtsrb|smoke]")
+    ap.add_argument("--table", required=True, help="experiments/configs/tables/<table>.py[:digits|cifar10|gtsrb|smoke], "
+                    "or just the table's name (ablation, datasets, methods, teachers, zskt_attacks)")
     ap.add_argument("--workdir", required=True, help="rows (shared by every table) and reports go here")
     ap.add_argument("--seeds", type=int, nargs="+", help="default: the table's (0 1 2)")
     ap.add_argument("--groups", nargs="+", help="only these lines of the table (default: all)")

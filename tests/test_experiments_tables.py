@@ -68,6 +68,10 @@ def test_bad_table_arguments_name_the_fix(tmp_path):
         tables.load_table(f"{TABLE_DIR / 'ablation'}.py:imagenet")
     with pytest.raises(FileNotFoundError, match="experiments/configs/tables"):
         tables.load_table("nope.py")
+    with pytest.raises(FileNotFoundError, match="experiments/configs/tables"):
+        tables.load_table("nope")
+    assert tables.load_table("ablation:cifar10").to_dict() == tables.load_table(
+        f"{TABLE_DIR / 'ablation'}.py:cifar10").to_dict()  # a name finds the shipped config
     with pytest.raises(ValueError, match="it has: badnets_grid, trojan_wm"):
         tables.main(["--table", f"{TABLE_DIR / 'ablation'}.py:smoke", "--workdir", str(tmp_path), "--groups", "x"])
 
