@@ -236,24 +236,42 @@ def plot_comparison(path: Path, table, agg: dict) -> None:
     plt.close(fig)
 
 
+def plot_line_curves(path: Path, curves: dict[str, list[dict]], title: str) -> None:
+    """Acc (top) and ASR (bottom) against each method's own step, one colour per column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(6.5, 5.5), dpi=110, sharex=True)
+    for ax, k, name in zip(axes, ("acc", "asr"), ("Acc %", "ASR %")):
+        for col, hist in curves.items():
+            pts = [(h["step"], h[k]) for h in hist if k in h]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, label=col, marker="." if len(xs) < 40 else None)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title(title)
+    axes[1].set_xlabel("step of each method (pseudo-batch for the ZSKT family, KD step for CMI/OOD-KD)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def line_plots(out: Path, label: str, line_dir: Path, table) -> list[str]:
     """Per line (first seed): training curves of every data-free column, the synthetic samples and
     the vaccine's divergence histogram, copied or drawn into the report. Returns the files made."""
-    from abd_jax.report import plot_curves
-
     made = []
     curves = {}
     for col in table.columns:
-        src = source_row(col, table.abd_parts)
-        hist = line_dir / src / "history.json"
-        if col in ("teacher", "clean_kd") or not hist.exists():
-            continue
-        h = json.loads(hist.read_text())
-        curves[f"{col} ASR"] = [(r["step"], r["asr"]) for r in h if "asr" in r]
-        curves[f"{col} Acc"] = [(r["step"], r["acc"]) for r in h if "acc" in r]
+        hist = line_dir / source_row(col, table.abd_parts) / "history.json"
+        if col not in ("teacher", "clean_kd") and hist.exists():
+            curves[col] = json.loads(hist.read_text())
     if curves:
-        plot_curves(out / f"curves_{label}.png", curves, xlabel="step of each method (pseudo-batch, KD step)",
-                    title=f"{label}: Acc and ASR during distillation")
+        plot_line_curves(out / f"curves_{label}.png", curves, f"{label}: Acc and ASR during distillation")
         made.append(f"curves_{label}.png")
     srcs = [source_row(c, table.abd_parts) for c in table.columns if c not in ("teacher", "clean_kd")]
     for kind, candidates in (("samples", srcs), ("suspicion", [s for s in srcs if "+" in s])):
