@@ -193,7 +193,7 @@ def report_table(table, agg: dict, skipped: list[str]) -> str:
             body.append([label, "ours", *(["not at this scale"] + ["–"] * (len(table.columns) - 1))])
         else:
             n = max((len(v["acc"]["values"]) for v in agg.get(label, {}).values()), default=0)
-            body.append([label, f"ours ({n} seed{'s' if n != 1 else ''})",
+            body.append([label, f"ours ({n} seed{'s' if n != 1 else ''})" if n else "ours: not run yet",
                          *(_cell(agg.get(label, {}).get(c)) for c in table.columns)])
         if paper:
             body.append(["", "paper", *(" / ".join(fmt(x) for x in paper[c]) if c in paper else "–"
