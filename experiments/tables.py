@@ -117,7 +117,7 @@ def row_key(cfg, column: str, abd_parts: dict) -> str:
 
 
 def run_line(workdir: Path, table, cfg, seed: int, resume: bool) -> dict:
-    """Every column of one line and seed: {"teacher": metrics, "rows": {column: metrics}}; rows.json
+    """Every column of one line and seed: {"rows": {column: metrics}, "keys": {column: config hash}}; rows.json
     records each finished row (shared by every table run on the same DIR)."""
     cfg = cfg.copy_and_resolve_references()
     cfg.seed = seed
@@ -129,16 +129,16 @@ def run_line(workdir: Path, table, cfg, seed: int, resume: bool) -> dict:
         if col in done["rows"] and done["keys"][col] != row_key(cfg, col, table.abd_parts):
             raise ValueError(f"{out / col} was made with a different config than this table's {col!r}; use "
                              f"another --workdir, or delete {out} to recompute that line")
-    missing = [c for c in columns if c not in done["rows"] and c != "teacher"]
-    if not missing and "teacher" in done:
+    missing = [c for c in columns if c not in done["rows"]]
+    if not missing:
         return done
     policy = checkpoint_policy(cfg, out, resume)
     dataset, eval_sets, teacher, tvars, meta = teacher_and_eval(cfg, out, policy)
-    done["teacher"] = {k: meta[k] for k in METRICS if k in meta}
-    done["rows"]["teacher"], done["keys"]["teacher"] = done["teacher"], row_key(cfg, "teacher", table.abd_parts)
+    done["rows"]["teacher"] = {k: meta[k] for k in METRICS if k in meta}
+    done["keys"]["teacher"] = row_key(cfg, "teacher", table.abd_parts)
     shared = dict(dataset=dataset, eval_sets=eval_sets, teacher=teacher, tvars=tvars, checkpoint=policy)
     for col in missing:
-        if col in done["rows"]:  # made alongside an earlier column (the ZSKT ablation's rows)
+        if col in done["rows"]:  # the teacher, or made alongside an earlier column (the ZSKT ablation's rows)
             continue
         t0 = time.time()
         if col in ZSKT_ROWS:
