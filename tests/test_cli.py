@@ -43,7 +43,7 @@ def test_quickstart_smoke_and_teacher_reuse(tmp_path):
     # Same config again: the teacher is reused, not retrained.
     mtime = (tmp_path / "teacher" / "teacher.json").stat().st_mtime
     r2 = _run(["-m", "abd_jax.cli", f"--config={ROOT}/experiments/configs/teacher.py:smoke",
-               f"--workdir={tmp_path}", "--config.seed=3", "--config.teacher.model=wrn16_1"], ROOT)
+               f"--workdir={tmp_path}", "--config.seed=3"], ROOT)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "reusing the teacher" in r2.stdout
     assert (tmp_path / "teacher" / "teacher.json").stat().st_mtime == mtime

@@ -22,7 +22,7 @@ T_LOGITS = jnp.array([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
 S_LOGITS = jnp.array([[1.0, 0.5, -1.0], [0.5, -0.5, 1.0]])
 
 # Tiny sizes as tests/test_abd_zskt.py; SGD at lr 0.1 as the methods' own defaults.
-BASE = ZSKTConfig(pseudo_batches=4, batch_size=8, n_student_steps=2, generator_width=16,
+BASE = ZSKTConfig(student="wrn10_1", pseudo_batches=4, batch_size=8, n_student_steps=2, generator_width=16,
                   sr_pseudo_batches=2, sr_rounds=2, sr_fp_iterations=2)
 
 
@@ -108,7 +108,7 @@ def test_config_validates_method_and_zskt_has_no_defaults_to_change():
 @pytest.fixture(scope="module")
 def setup():
     ds = load_digits(8)
-    teacher = get_model("wrn16_1", 10)
+    teacher = get_model("wrn10_1", 10)  # the smallest WRN: these tests are mostly XLA compiles
     tvars = init_model(teacher, jax.random.key(1), ds.image_shape)
     return ds, teacher, tvars
 

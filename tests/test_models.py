@@ -28,6 +28,7 @@ RUN_FOR_REAL = ("wrn16_1", "wrn16_2", "vgg_small")
 
 # Stage feature shapes (without batch) at 32x32 input.
 STAGE_SHAPES = {
+    "wrn10_1": [(32, 32, 16), (16, 16, 32), (8, 8, 64)],
     "wrn16_1": [(32, 32, 16), (16, 16, 32), (8, 8, 64)],
     "wrn16_2": [(32, 32, 32), (16, 16, 64), (8, 8, 128)],
     "wrn40_1": [(32, 32, 16), (16, 16, 32), (8, 8, 64)],
@@ -109,6 +110,7 @@ def test_wrn_small_inputs(size, real_variables):
 @pytest.mark.parametrize(
     "name,expected",
     [
+        ("wrn10_1", 77_850),  # not in the reference's tables: the hand count below
         ("wrn16_1", 175_066),
         ("wrn16_2", 691_674),
         ("wrn40_1", 563_930),

@@ -4,7 +4,7 @@ The clean-data KD baseline (spec 6.4): 20% of the clean digits, T = 6, 170 epoch
 student of the poisoned teacher. `:smoke` shrinks it for tests.
 """
 
-from experiments.configs.common import base_config, clean_kd_config, is_smoke
+from experiments.configs.common import base_config, clean_kd_config, is_smoke, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):
@@ -12,8 +12,6 @@ def get_config(arg: str | None = None):
     c = base_config("clean_kd", smoke)
     c.clean_kd = clean_kd_config(epochs=1 if smoke else 170)
     if smoke:
-        c.data.image_size = 8
-        c.teacher.model = "wrn16_1"
-        c.teacher.epochs = 1
+        shrink_for_smoke(c)
         c.clean_kd.eval_every = 1
     return c

@@ -13,7 +13,7 @@ from experiments.configs.common import abd_section, is_smoke, method_job_config
 DIGITS = dict(rounds=15, g_steps=50, synthesis_batch=64, kd_steps=50, batch_size=64, bank_size=960, negatives=256,
               head_dim=128, generator_width=64, flip=False, crop_pad=2, eval_every=5)
 SMOKE = dict(rounds=2, g_steps=2, synthesis_batch=8, kd_steps=2, batch_size=8, bank_size=16, negatives=8, head_dim=8,
-             generator_width=8, z_dim=8, eval_every=1, sr_rounds=2, sr_fp_iterations=2)
+             generator_width=8, z_dim=8, eval_every=1, sr_rounds=2, sr_fp_iterations=1)
 
 
 def get_config(arg: str | None = None, method: str = "cmi", digits: dict | None = None):

@@ -12,7 +12,7 @@ class (docs/OOD_KD.md has the probes). ABD: `--config.ood.sv=True`,
 from experiments.configs.common import abd_section, is_smoke, method_job_config
 
 DIGITS = dict(steps=400, batch_size=256, source="letters", init_crop=0.12, patch_block=2, flip=False)
-SMOKE = dict(steps=3, batch_size=16, eval_every=1, sr_rounds=2, sr_fp_iterations=2)
+SMOKE = dict(steps=3, batch_size=16, eval_every=1, sr_rounds=2, sr_fp_iterations=1)
 
 
 def get_config(arg: str | None = None):

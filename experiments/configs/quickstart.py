@@ -5,7 +5,7 @@ ZSKT (300 pseudo-batches, spec 6.1 recipe) and clean KD (spec 6.4) into WRN-16-1
 of Acc / ASR / clean target rate. `:smoke` is a seconds-long version for tests.
 """
 
-from experiments.configs.common import base_config, is_smoke
+from experiments.configs.common import base_config, is_smoke, shrink_for_smoke
 from experiments.configs.zskt import get_config as zskt_get_config
 from experiments.configs.clean_kd import get_config as clean_get_config
 
@@ -20,8 +20,7 @@ def get_config(arg: str | None = None):
     # student's own architecture the backdoor transfers (docs/ZSKT.md).
     c.teacher.model = "wrn16_1"
     if smoke:
-        c.data.image_size = 8
-        c.teacher.epochs = 1
+        shrink_for_smoke(c)
     return c
 
 
@@ -43,4 +42,4 @@ def add_abd_settings(c, smoke: bool) -> None:
     # short to verify and keeps SV always on (the ZSKT-CIFAR10 sweep's P = 0).
     c.zskt.sv_verify_after = 0 if smoke else SV_VERIFY_AFTER
     if smoke:
-        c.zskt.sr_rounds, c.zskt.sr_fp_iterations = 2, 2
+        c.zskt.sr_rounds, c.zskt.sr_fp_iterations = 2, 1  # unrolled iterations: compile time

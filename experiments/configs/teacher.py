@@ -5,14 +5,12 @@ poison ratio 0.1, 5% clean holdout (spec 7, 8). Override anything on the command
 `--config.attack.trigger=blend --config.data.image_size=32`. `:smoke` shrinks it for tests.
 """
 
-from experiments.configs.common import base_config, is_smoke
+from experiments.configs.common import base_config, is_smoke, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):
     smoke = is_smoke(arg)
     c = base_config("teacher", smoke)
     if smoke:
-        c.data.image_size = 8
-        c.teacher.model = "wrn16_1"
-        c.teacher.epochs = 1
+        shrink_for_smoke(c)
     return c
