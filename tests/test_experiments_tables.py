@@ -126,7 +126,8 @@ def test_tables_share_rows_and_report_only_rebuilds(table_runs):
     assert after["rows"][SMOKE_LINE] == before[SMOKE_LINE]
     assert "trojan_wm" in after["rows"] and after["rows"]["trojan_wm"] == {}  # not run: no rows, no numbers
     ds = json.loads((workdir / "datasets" / "results.json").read_text())
-    assert ds["skipped"] == []  # only the BadNets line was asked for
+    assert ds["skipped"] == ["gtsrb_badnets_grid"]  # GTSRB is not embedded: not at the smoke scale
+    assert "| gtsrb_badnets_grid | ours | not at this scale |" in (workdir / "datasets" / "report.md").read_text()
 
 
 def test_a_row_made_by_another_config_is_an_error(table_runs, tmp_path):
