@@ -16,15 +16,16 @@ from abd_jax.kd.common import DFKDHooks
 from abd_jax.kd.zskt_train import ZSKTConfig, build_zskt, sr_phase
 
 from abd_jax.models import get_model, init_model
+from experiments.configs.common import SMOKE_MODEL  # the smallest WRN, as the :smoke configs
 
-CFG = ZSKTConfig(student="wrn10_1", pseudo_batches=4, batch_size=8, n_student_steps=2, generator_width=16,
+CFG = ZSKTConfig(student=SMOKE_MODEL, pseudo_batches=4, batch_size=8, n_student_steps=2, generator_width=16,
                  sr_pseudo_batches=2, sr_rounds=2, sr_fp_iterations=2)
 
 
 @pytest.fixture(scope="module")
 def setup():
     ds = load_digits(8)
-    teacher = get_model("wrn10_1", 10)  # the smallest WRN: these tests are mostly XLA compiles
+    teacher = get_model(SMOKE_MODEL, 10)  # the smallest WRN: these tests are mostly XLA compiles
     tvars = init_model(teacher, jax.random.key(1), ds.image_shape)
     return ds, teacher, tvars
 

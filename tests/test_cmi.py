@@ -35,8 +35,9 @@ from abd_jax.models.cmi_generator import CMIGenerator
 from abd_jax.models.initializers import batch_norm, conv
 from abd_jax.pipeline import EvalSets
 from abd_jax.resume import CheckpointPolicy
+from experiments.configs.common import SMOKE_MODEL  # the smallest WRN, as the :smoke configs
 
-CFG = CMIConfig(student="wrn10_1", rounds=3, g_steps=3, synthesis_batch=8, kd_steps=2, batch_size=8, bank_size=16, negatives=8,
+CFG = CMIConfig(student=SMOKE_MODEL, rounds=3, g_steps=3, synthesis_batch=8, kd_steps=2, batch_size=8, bank_size=16, negatives=8,
                 head_dim=16, z_dim=16, generator_width=16, flip=False, crop_pad=2, eval_every=1,
                 sr_rounds=1, sr_fp_iterations=1)
 

@@ -17,15 +17,16 @@ from abd_jax.data.ood import cutmix, cutmix_box, load_source_image, patch_style,
 from abd_jax.kd.common import DFKDHooks
 from abd_jax.kd.ood import OODConfig, build_ood, distill_ood, sr_phase
 from abd_jax.models import get_model, init_model
+from experiments.configs.common import SMOKE_MODEL  # the smallest WRN, as the :smoke configs
 from abd_jax.pipeline import make_eval_sets
 
-CFG = OODConfig(student="wrn10_1", steps=4, batch_size=8, flip=False, eval_every=2)
+CFG = OODConfig(student=SMOKE_MODEL, steps=4, batch_size=8, flip=False, eval_every=2)
 
 
 @pytest.fixture(scope="module")
 def setup():
     ds = load_digits(8)
-    teacher = get_model("wrn10_1", 10)  # the smallest WRN: these tests are mostly XLA compiles
+    teacher = get_model(SMOKE_MODEL, 10)  # the smallest WRN: these tests are mostly XLA compiles
     tvars = init_model(teacher, jax.random.key(1), ds.image_shape)
     eval_sets = make_eval_sets(ds, make_trigger("badnets_grid", 8, 3), 0)
     return ds, teacher, tvars, eval_sets

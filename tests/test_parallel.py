@@ -98,6 +98,7 @@ def _worker() -> dict:
     from abd_jax.optim import make_optimizer
     from abd_jax.state import create_train_state
     from abd_jax.teacher import make_supervised_step
+    from experiments.configs.common import SMOKE_MODEL
 
     assert jax.device_count() == N_DEVICES, jax.devices()
     mesh = parallel.data_mesh()
@@ -178,7 +179,7 @@ def _worker() -> dict:
         out["mesh"]["indivisible_error"] = str(e)
 
     ds = load_digits(8)
-    model = get_model("wrn10_1", ds.num_classes)  # the smallest WRN: compile time
+    model = get_model(SMOKE_MODEL, ds.num_classes)  # the smallest WRN: compile time
     variables = init_model(model, jax.random.key(0), ds.image_shape)
     # Batches sorted by label: each device's shard holds other digits (different BN statistics).
     order = np.argsort(ds.y_train[:48], kind="stable")
@@ -212,7 +213,7 @@ def _worker() -> dict:
     lap("fit_sgd")
 
     # 2. Clean KD step (teacher variables replicated, batch sharded), SGD, 2 steps.
-    student = get_model("wrn10_1", ds.num_classes)
+    student = get_model(SMOKE_MODEL, ds.num_classes)
     tx = make_optimizer("sgd", 0.05, momentum=0.9, weight_decay=5e-4)
     s_state = create_train_state(init_model(student, jax.random.key(2), ds.image_shape), tx, jax.random.key(3))
     kd_step = make_clean_kd_step(model, student, tx, ds.mean, ds.std)
@@ -233,7 +234,7 @@ def _worker() -> dict:
 
     # One pseudo-batch with the Shuffling Vaccine: its generator step and student steps are
     # vanilla ZSKT's plus the penalty, so this covers the vanilla pseudo-batch too.
-    cfg = ZSKTConfig(student="wrn10_1", pseudo_batches=4, batch_size=16, n_student_steps=2, generator_width=16, sv=True,
+    cfg = ZSKTConfig(student=SMOKE_MODEL, pseudo_batches=4, batch_size=16, n_student_steps=2, generator_width=16, sv=True,
                      sr_pseudo_batches=2, sr_rounds=2, sr_fp_iterations=2)
     student_m, generator, state, step = build_zskt(model, ds, cfg, seed=0, teacher_vars=variables)
     (s1, m1), (s8, m8), nudged, ratio = run_both(step, state, [()], batch_argnums=(), const=(variables,))

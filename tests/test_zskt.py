@@ -13,14 +13,15 @@ from abd_jax.kd.zskt import make_pseudo_batch
 from abd_jax.kd.zskt_train import ZSKTConfig, build_zskt
 from abd_jax.optim import make_optimizer
 from abd_jax.models import get_model, init_model
+from experiments.configs.common import SMOKE_MODEL  # the smallest WRN, as the :smoke configs
 
-CFG = ZSKTConfig(student="wrn10_1", pseudo_batches=3, batch_size=8, n_student_steps=2, generator_width=16, beta=250.0)
+CFG = ZSKTConfig(student=SMOKE_MODEL, pseudo_batches=3, batch_size=8, n_student_steps=2, generator_width=16, beta=250.0)
 
 
 @pytest.fixture(scope="module")
 def setup():
     ds = load_digits(8)
-    teacher = get_model("wrn10_1", 10)  # the smallest WRN: these tests are mostly XLA compiles
+    teacher = get_model(SMOKE_MODEL, 10)  # the smallest WRN: these tests are mostly XLA compiles
     tvars = init_model(teacher, jax.random.key(1), ds.image_shape)
     return ds, teacher, tvars
 

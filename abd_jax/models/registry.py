@@ -18,7 +18,7 @@ from abd_jax.models.wrn import WideResNet
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     # WRN-10-1 (one block per stage) is the smallest WideResNet: the smoke configs and most tests
-    # use it because XLA compile time grows with depth (about a third less than WRN-16-1 here).
+    # use it because XLA compile time grows with depth (README: the test suite's time).
     "wrn10_1": lambda num_classes, **kw: WideResNet(10, 1, num_classes, **kw),
     "wrn16_1": lambda num_classes, **kw: WideResNet(16, 1, num_classes, **kw),
     "wrn16_2": lambda num_classes, **kw: WideResNet(16, 2, num_classes, **kw),
