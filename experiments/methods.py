@@ -1,6 +1,6 @@
 """Every data-free KD method with and without ABD: `python -m experiments.methods --workdir DIR
 [--methods cmi ood ...] [--triggers badnets_grid trojan_wm] [--seeds 0 1 2] [--abd-parts sv sr] [--smoke]
-[--resume]`.
+[--resume] [--set PATH=VALUE ...]`.
 
 A table of experiments.tables built from the flags: one line per trigger, the columns teacher,
 <method> and <method>+abd for each method (each with its config file's settings,
@@ -48,10 +48,12 @@ def main(argv: list[str] | None = None) -> dict:
                     help="what +ABD switches on: the Shuffling Vaccine (sv), Self-Retrospection (sr)")
     ap.add_argument("--smoke", action="store_true", help="seconds-long runs for tests")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted row from its checkpoints")
+    ap.add_argument("--set", nargs="+", default=[], metavar="PATH=VALUE",
+                    help="change every job config, e.g. sections.ood.sv_push_cap=uniform (experiments.tables --set)")
     args = ap.parse_args(argv)
     table = sweep_table(args.methods, args.triggers, args.seeds, args.abd_parts, args.smoke)
     command = "python -m experiments.methods " + " ".join(argv if argv is not None else sys.argv[1:])
-    return run_table(table, Path(args.workdir), resume=args.resume, command=command)
+    return run_table(table, Path(args.workdir), resume=args.resume, command=command, overrides=args.set)
 
 
 def run() -> None:

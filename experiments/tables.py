@@ -83,6 +83,41 @@ def group_job_config(table, label: str):
     return cfg
 
 
+def _parse_like(old, raw: str, what: str):
+    """`raw` as a value of `old`'s type (bool, int, float or str)."""
+    if isinstance(old, bool):
+        if raw.lower() not in ("true", "false"):
+            raise ValueError(f"--set {what}={raw}: {what} is a bool; write True or False")
+        return raw.lower() == "true"
+    if isinstance(old, (int, float, str)):
+        try:
+            return type(old)(raw)
+        except ValueError:
+            raise ValueError(f"--set {what}={raw}: not a valid {type(old).__name__} for {what}") from None
+    raise ValueError(f"--set {what}: a {type(old).__name__} field cannot be set from the command line; "
+                     "write a table config instead")
+
+
+def apply_overrides(cfg, overrides: list[str]) -> None:
+    """`--set path.to.field=value` on one line's job config, in place (e.g.
+    `sections.ood.sv_push_cap=uniform`). The value takes the type of the field it replaces; a
+    changed field changes the row keys, so such rows go to their own --workdir."""
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--set {item!r}: write path.to.field=value, e.g. sections.ood.sv_push_cap=uniform")
+        *parents, field = path.split(".")
+        node = cfg
+        for i, name in enumerate(parents):
+            if name not in node:
+                raise ValueError(f"--set {path}: the job config has no {'.'.join(parents[:i + 1])!r}; "
+                                 f"it has: {', '.join(sorted(node.keys()))}")
+            node = node[name]
+        if field not in node:
+            raise ValueError(f"--set {path}: no field {field!r} there; it has: {', '.join(sorted(node.keys()))}")
+        node[field] = _parse_like(node[field], raw, path)
+
+
 def seed_dir(workdir: Path, cfg, seed: int) -> Path:
     variant = f"{cfg.data.name}{cfg.data.image_size}_{cfg.teacher.model}"
     return workdir / "rows" / variant / cfg.attack.trigger / f"seed_{seed}"
@@ -102,6 +137,19 @@ def source_row(column: str, abd_parts: dict) -> str:
     return f"{method}+{PART_ROWS[frozenset(abd_parts[method])]}"
 
 
+# Config fields added after rows were stored. At these values a row computes what it did before the
+# field existed, so they stay out of its hash and the stored rows keep matching their commands.
+LATER_FIELDS = {"ood": {"sv_push_cap": "none"}}
+
+
+def _section_for_key(cfg, method: str) -> dict:
+    section = cfg.sections[method].to_dict()
+    for field, value in LATER_FIELDS.get(method, {}).items():
+        if section.get(field) == value:
+            section.pop(field)
+    return section
+
+
 def row_key(cfg, column: str, abd_parts: dict) -> str:
     """A hash of every config value the row depends on."""
     method, _, abd = column.partition("+")
@@ -110,7 +158,7 @@ def row_key(cfg, column: str, abd_parts: dict) -> str:
     if column == "clean_kd":
         parts["clean_kd"] = cfg.clean_kd.to_dict()
     elif column != "teacher":
-        parts[method] = cfg.sections[method].to_dict()
+        parts[method] = _section_for_key(cfg, method)
         if abd and method != "zskt":
             parts["abd"] = [list(ROW_PARTS[abd]), cfg.sr_steps[method]]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -335,9 +383,10 @@ def write_report(workdir: Path, table, per_line: dict, skipped: list[str], comma
 
 
 def run_table(table, workdir: Path, labels: list[str] | None = None, *, resume: bool = False,
-              report_only: bool = False, command: str = "") -> dict[str, dict[int, dict]]:
+              report_only: bool = False, command: str = "", overrides: list[str] = ()) -> dict[str, dict[int, dict]]:
     """Runs (or, with `report_only`, collects) every line in `labels` (default: all) for the
-    table's seeds, then writes the report. Returns {line: {seed: {"teacher", "rows"}}}."""
+    table's seeds, then writes the report. `overrides` (`apply_overrides`) change every line's job
+    config. Returns {line: {seed: {"teacher", "rows"}}}."""
     labels = labels or list(table.groups)
     unknown = sorted(set(labels) - set(table.groups))
     if unknown:
@@ -346,6 +395,9 @@ def run_table(table, workdir: Path, labels: list[str] | None = None, *, resume: 
     # report says "not at this scale" for them, "not run yet" only for lines left out by `labels`.
     configs = {label: group_job_config(table, label) for label in table.groups}
     skipped = [label for label, cfg in configs.items() if cfg is None]
+    for cfg in configs.values():
+        if cfg is not None:
+            apply_overrides(cfg, list(overrides))
     per_line = {}
     for label in labels:
         cfg = configs[label]
@@ -372,13 +424,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--groups", nargs="+", help="only these lines of the table (default: all)")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted row from its checkpoints")
     ap.add_argument("--report-only", action="store_true", help="write the report from the rows already finished")
+    ap.add_argument("--set", nargs="+", default=[], metavar="PATH=VALUE",
+                    help="change every line's job config, e.g. sections.ood.sv_push_cap=uniform (rows made "
+                    "with other values need their own --workdir)")
     args = ap.parse_args(argv)
     table = load_table(args.table)
     if args.seeds:
         table.seeds = args.seeds
     command = "python -m experiments.tables " + " ".join(argv if argv is not None else sys.argv[1:])
     return run_table(table, Path(args.workdir), args.groups, resume=args.resume, report_only=args.report_only,
-                     command=command)
+                     command=command, overrides=args.set)
 
 
 def run() -> None:

@@ -1,6 +1,7 @@
 """experiments.tables: every table config builds at every scale, and one line of each table runs
 through the runner (smoke scale) into a report beside the paper's numbers."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -61,6 +62,32 @@ def test_abd_columns_name_the_parts_they_ran():
     assert tables.source_row("cmi+abd", parts) == "cmi+abd"
     assert tables.source_row("ood+abd", parts) == "ood+sv"
     assert tables.source_row("ood", parts) == "ood"
+
+
+def test_a_later_field_at_its_default_keeps_the_stored_row_keys():
+    t = tables.load_table(f"{TABLE_DIR / 'methods'}.py:digits")
+    cfg = tables.group_job_config(t, "badnets_grid")
+    before = tables.row_key(cfg, "ood+sv", t.abd_parts)
+    assert cfg.sections["ood"].sv_push_cap == "none"
+    section = cfg.sections["ood"].to_dict()
+    section.pop("sv_push_cap")  # the config as it was before the field existed
+    parts = {"data": cfg.data.to_dict(), "attack": cfg.attack.to_dict(), "teacher": cfg.teacher.to_dict(),
+             "seed": cfg.seed, "ood": section, "abd": [["sv"], cfg.sr_steps["ood"]]}
+    assert before == hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    cfg.sections["ood"].sv_push_cap = "uniform"  # a different computation: a different key
+    assert tables.row_key(cfg, "ood+sv", t.abd_parts) != before
+
+
+def test_set_changes_a_field_with_its_type_and_names_the_fix():
+    t = tables.load_table(f"{TABLE_DIR / 'methods'}.py:digits")
+    cfg = tables.group_job_config(t, "badnets_grid")
+    tables.apply_overrides(cfg, ["sections.ood.sv_push_cap=uniform", "sections.ood.sv=True", "sections.ood.steps=7"])
+    assert (cfg.sections.ood.sv_push_cap, cfg.sections.ood.sv, cfg.sections.ood.steps) == ("uniform", True, 7)
+    for bad, fix in [("x", "path.to.field=value"), ("sections.nope.a=1", "it has: cmi, dafl"),
+                     ("sections.ood.nope=1", "no field 'nope'"), ("sections.ood.steps=many", "not a valid int"),
+                     ("sections.ood.sv=maybe", "write True or False")]:
+        with pytest.raises(ValueError, match=fix):
+            tables.apply_overrides(cfg, [bad])
 
 
 def test_bad_table_arguments_name_the_fix(tmp_path):

@@ -107,6 +107,8 @@ def test_missing_or_bad_source_names_the_fix(tmp_path):
     assert img.shape == (8, 8, 3) and img.dtype == np.uint8 and (img[..., 0] == img[..., 2]).all()
     with pytest.raises(ValueError, match="--config.ood.patch_color"):
         OODConfig(patch_color="sepia")
+    with pytest.raises(ValueError, match="--config.ood.sv_push_cap"):
+        OODConfig(sv_push_cap="hard")
 
 
 def test_step_runs_finite_once_compiled_and_learns(setup):

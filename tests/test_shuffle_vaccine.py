@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from abd_jax.abd import shuffle_vaccine as sv_lib
 from abd_jax.abd.shuffle_vaccine import (
     ShuffleVaccine,
+    cap_pushed_losses,
     ensemble_logits,
     init_shuffle_vaccine,
     make_generator_penalty,
@@ -29,6 +30,7 @@ from abd_jax.abd.shuffle_vaccine import (
     tail_statistics,
     verify_vaccine,
 )
+from abd_jax.losses import kl_elementwise
 from abd_jax.models import conv_kernel_paths, get_model, init_model
 
 B, C = 16, 10
@@ -227,6 +229,31 @@ def test_ood_weights_give_the_masked_formula(flags, coef, seed):
     else:
         want = k.mean() - coef * u.mean()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_push_cap_stops_the_ascent_at_a_uniform_prediction():
+    t = jnp.asarray([[4.0, 0.0, 0.0], [0.0, 3.0, 1.0], [1.0, 1.0, 1.0], [2.0, 0.0, 0.0]])
+    w = jnp.asarray([-0.5, -0.5, -0.5, 2.0])  # three flagged, one kept
+    temp = 2.0
+    bound = np.mean(np.asarray(kl_elementwise(t, jnp.zeros_like(t), temp)), -1)  # KL(p_T || uniform) / C
+
+    def losses(s_logits, cap):
+        per_sample = jnp.mean(kl_elementwise(t, s_logits, temp), -1)
+        return cap_pushed_losses(per_sample, w, t, temp, cap)
+
+    far = jnp.asarray([[-9.0, 9.0, 0.0], [5.0, -5.0, 0.0], [0.0, 0.0, 9.0], [-9.0, 9.0, 0.0]])
+    raw = np.asarray(losses(far, "none"))
+    assert raw[0] > bound[0] and raw[1] > bound[1] and raw[3] > bound[3]
+    got = np.asarray(losses(far, "uniform"))
+    np.testing.assert_allclose(got[:2], bound[:2], rtol=1e-6)  # flagged and past the cap: clipped
+    assert got[3] == raw[3]  # kept samples are never clipped
+    near = t + 0.1  # a student close to the teacher: below the cap, nothing changes
+    np.testing.assert_allclose(np.asarray(losses(near, "uniform")), np.asarray(losses(near, "none")))
+    # Past the cap a flagged sample stops pushing: its gradient is 0, the kept sample's is not.
+    g = jax.grad(lambda s: jnp.sum(w * losses(s, "uniform")))(far)
+    assert np.all(np.asarray(g[:2]) == 0) and np.any(np.asarray(g[3]) != 0)
+    with pytest.raises(ValueError, match="unknown push cap 'x'"):
+        cap_pushed_losses(raw, w, t, temp, "x")
 
 
 # ------------------------------------------------------------------------------ tail ratio

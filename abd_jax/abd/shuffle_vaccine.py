@@ -238,6 +238,34 @@ def ood_sample_weights(mask: jax.Array, coef: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient(jnp.where(m > 0, w_flagged, w_kept))
 
 
+PUSH_CAPS = ("none", "uniform")
+
+
+def cap_pushed_losses(per_sample: jax.Array, weights: jax.Array, teacher_logits: jax.Array,
+                      temperature: float, cap: str = "none") -> jax.Array:
+    """Bounds the push-away of OOD-KD's flagged samples (not in the reference; docs/ABD_SV.md).
+
+    With negative weights the loss is ascended without end on flagged samples, and the student
+    can run far from the teacher everywhere (a measured collapse onto one class on the digits).
+    cap="uniform" clips each flagged sample's loss at what a uniform prediction would score,
+    KL_tau(p_T || uniform) on the same [B] scale (mean over C): the student is pushed until it says
+    nothing about that sample, no further (past the cap its gradient is 0). cap="none" returns
+    `per_sample` unchanged (the reference).
+
+    Args:
+      per_sample: [B] per-sample KD losses, mean over C of `kl_elementwise`.
+      weights: [B] `ood_sample_weights` (negative = flagged).
+      teacher_logits: [B, C].
+    """
+    if cap not in PUSH_CAPS:
+        raise ValueError(f"unknown push cap {cap!r}; use one of: {', '.join(PUSH_CAPS)}")
+    if cap == "none":
+        return per_sample
+    t = jax.lax.stop_gradient(teacher_logits)
+    bound = jnp.mean(kl_elementwise(t, jnp.zeros_like(t), temperature), axis=-1)
+    return jnp.where(weights < 0, jnp.minimum(per_sample, bound), per_sample)
+
+
 # --------------------------------------------------------------------------------------------
 # SV state and the DFKDHooks-shaped callables
 

@@ -37,6 +37,8 @@ from abd_jax.abd.self_retrospection import batchmean_sr_hooks, sr_resume_optimiz
 from abd_jax.abd.shuffle_vaccine import (
     init_shuffle_vaccine,
     make_divergence_fn,
+    PUSH_CAPS,
+    cap_pushed_losses,
     make_sample_weights,
     suspicion_reports,
     verify_vaccine,
@@ -104,9 +106,13 @@ class OODConfig(ABDOptions):
     # (spec 4.1.1); `sr_l2` is the inner problem's penalty; the trigger model is the teacher in the
     # reference (spec 12.1).
     sr_steps: int = 0
+    # Not in the reference: "uniform" stops pushing a flagged sample once its KD loss reaches a
+    # uniform prediction's (`cap_pushed_losses`); "none" is the reference's unbounded push.
+    sv_push_cap: str = "none"
 
     def __post_init__(self) -> None:
-        choices = {"student": MODEL_NAMES, "patch_color": PATCH_COLORS, "sr_trigger_model": ("teacher", "student")}
+        choices = {"student": MODEL_NAMES, "patch_color": PATCH_COLORS, "sr_trigger_model": ("teacher", "student"),
+                   "sv_push_cap": PUSH_CAPS}
         for field, known in choices.items():
             value = getattr(self, field)
             if value not in known:
@@ -205,7 +211,11 @@ def make_ood_step(
             (s_logits, _), stats = forward(student, state.student.replace(params=params), x, train=True)
             per_sample = jnp.mean(kl_elementwise(t_logits, s_logits, cfg.temperature), axis=-1)  # [B]
             # weights None: the plain mean, the reference's reduction='mean' over B*C.
-            loss = jnp.mean(per_sample) if weights is None else jnp.mean(weights * per_sample)
+            if weights is None:
+                loss = jnp.mean(per_sample)
+            else:
+                capped = cap_pushed_losses(per_sample, weights, t_logits, cfg.temperature, cfg.sv_push_cap)
+                loss = jnp.mean(weights * capped)
             return loss, (stats, jnp.mean(per_sample))
 
         (loss, (stats, kl)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.student.params)
