@@ -274,6 +274,25 @@ def test_sv_at_coef_zero_equals_vanilla_synthesis(setup, synthesis):
     assert set(report) == {"synthetic", "clean_test", "triggered_test"}
 
 
+def test_deepinversion_sv_at_coef_zero_equals_vanilla_synthesis(setup):
+    """DeepInversion optimizes the images themselves through the same inversion loss: with SV at
+    coefficient 0 its round stores the same images as without SV (SR is the KD phase's, shared with
+    CMI and tested above)."""
+    ds, teacher, tvars, _ = setup
+    fields = ("g_steps", "synthesis_batch", "kd_steps", "batch_size", "bank_size", "flip", "crop_pad", "student")
+    cfg = CMIConfig.deepinversion(**{f: getattr(CFG, f) for f in fields})
+    _, state, _, di_round = build_cmi(teacher, ds, cfg, 0, tvars)
+    sv_cfg = dataclasses.replace(cfg, sv=True, sv_coef=0.0, sv_layers=2, sv_copies=2)
+    _, sv_state, _, sv_round = build_cmi(teacher, ds, sv_cfg, 0, tvars)
+    key = jax.random.key(7)
+    ref, ref_m = di_round(state.synth, tvars, state.student.variables, key)
+    out, m = sv_round(sv_state.synth, tvars, sv_state.student.variables, key, sv_state.hook_state)
+    chex.assert_trees_all_close(m["loss_syn"], ref_m["loss_syn"], rtol=1e-5)
+    assert float(m["sv_coef"]) == 0.0 and "sv_flagged" in m
+    assert int(out.pool_count) == int(ref.pool_count) == cfg.synthesis_batch
+    assert np.mean(np.asarray(out.pool[:8]) != np.asarray(ref.pool[:8])) < 0.01  # uint8 rounding at most
+
+
 def test_sr_at_coef_zero_equals_plain_resume(setup, vanilla):
     """SR's KD steps with coef 0 equal the same fresh resume optimizer without SR (spec 4.2), and with
     coef 1 they differ."""
