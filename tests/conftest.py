@@ -16,8 +16,8 @@ if _OWN_CACHE:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 # Compiling is most of the suite's time, and the tests run tiny programs, so XLA's backend (LLVM)
-# optimisation is turned off: the same suite took 20% less CPU time (1136 s against 1417 s, both
-# passing, 2026-11-27). The math is the same, rounding can differ from an optimised build; the
+# optimisation is turned off: the suite took 18% less CPU time (1168 s against 1417 s, quiet
+# machine, 2026-11-27; README). The math is the same, rounding can differ from an optimised build; the
 # tests compare programs compiled alike. Experiments and the CLI compile at XLA's default level.
 # Set the flag yourself in XLA_FLAGS to test another level.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
