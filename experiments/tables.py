@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from abd_jax.jobs import (
@@ -98,7 +99,7 @@ def _parse_like(old, raw: str, what: str):
                      "write a table config instead")
 
 
-def apply_overrides(cfg, overrides: list[str]) -> None:
+def apply_overrides(cfg, overrides: Sequence[str]) -> None:
     """`--set path.to.field=value` on one line's job config, in place (e.g.
     `sections.ood.sv_push_cap=uniform`). The value takes the type of the field it replaces; a
     changed field changes the row keys, so such rows go to their own --workdir."""
@@ -383,7 +384,7 @@ def write_report(workdir: Path, table, per_line: dict, skipped: list[str], comma
 
 
 def run_table(table, workdir: Path, labels: list[str] | None = None, *, resume: bool = False,
-              report_only: bool = False, command: str = "", overrides: list[str] = ()) -> dict[str, dict[int, dict]]:
+              report_only: bool = False, command: str = "", overrides: Sequence[str] = ()) -> dict[str, dict[int, dict]]:
     """Runs (or, with `report_only`, collects) every line in `labels` (default: all) for the
     table's seeds, then writes the report. `overrides` (`apply_overrides`) change every line's job
     config. Returns {line: {seed: {"teacher", "rows"}}}."""
@@ -397,7 +398,7 @@ def run_table(table, workdir: Path, labels: list[str] | None = None, *, resume: 
     skipped = [label for label, cfg in configs.items() if cfg is None]
     for cfg in configs.values():
         if cfg is not None:
-            apply_overrides(cfg, list(overrides))
+            apply_overrides(cfg, overrides)
     per_line = {}
     for label in labels:
         cfg = configs[label]

@@ -35,10 +35,10 @@ from jax.sharding import Mesh
 from abd_jax.abd.options import ABDOptions
 from abd_jax.abd.self_retrospection import batchmean_sr_hooks, sr_resume_optimizer
 from abd_jax.abd.shuffle_vaccine import (
-    init_shuffle_vaccine,
-    make_divergence_fn,
     PUSH_CAPS,
     cap_pushed_losses,
+    init_shuffle_vaccine,
+    make_divergence_fn,
     make_sample_weights,
     suspicion_reports,
     verify_vaccine,
