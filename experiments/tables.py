@@ -1,6 +1,6 @@
 """One command per table of the paper (spec 9): `python -m experiments.tables --table
 experiments/configs/tables/<table>.py[:scale] --workdir DIR [--seeds 0 1 2] [--groups ...] [--resume]
-[--report-only]`.
+[--report-only] [--restore-rows RESULTS_JSON ...]`.
 
 A table config (experiments/configs/tables/) lists its lines (groups: a trigger, optionally a
 teacher or a dataset), its columns (teacher, a data-free KD method, "<method>+abd", clean_kd) and
@@ -11,7 +11,8 @@ Every row is stored once per (dataset, teacher, trigger, seed) under DIR/rows/, 
 rows.json with a hash of the config that made it, so tables that share rows (the ZSKT rows of
 9.1, 9.2, 9.3 and 9.4) compute them once, a finished row is never rerun, and a row made by a
 different config is an error rather than a silent reuse. `--resume` also continues the row that
-was interrupted (SIGTERM checkpoints it and exits 143). Seeds run one after another in one
+was interrupted (SIGTERM checkpoints it and exits 143). `--restore-rows` fills the store from the
+results.json of earlier reports (a report committed without its store). Seeds run one after another in one
 process; to spread them over machines or devices, start one process per seed (`--seeds N`) on the
 same DIR and run `--report-only` at the end.
 
@@ -212,6 +213,47 @@ def run_line(workdir: Path, table, cfg, seed: int, resume: bool) -> dict:
     return done
 
 
+def restore_rows(workdir: Path, table, configs: dict, results_file: Path) -> list[str]:
+    """Writes the rows of an earlier report (`results.json`'s per-seed rows) into the row store of
+    `workdir`, for the rows the store does not hold: a report committed without its store (before
+    the store was committed beside it) becomes a store that `--report-only` reads and later runs
+    extend. Each row's key is recomputed from this table's config; a report that recorded its keys
+    must match them. Restored rows say where they came from. Returns "line seed N" per line and
+    seed restored."""
+    res = json.loads(Path(results_file).read_text())
+    if (res.get("table"), res.get("scale")) != (table.name, table.scale):
+        raise ValueError(f"{results_file} is the report of table {res.get('table')!r} at scale {res.get('scale')!r}; "
+                         f"restore it with --table {res.get('table')}:{res.get('scale')}")
+    source = f"{results_file} (commit {res.get('commit', 'unknown')})"
+    restored = []
+    for label, seeds in res["per_seed"].items():
+        if configs.get(label) is None:
+            continue
+        for seed, rows in seeds.items():
+            cfg = configs[label].copy_and_resolve_references()
+            cfg.seed = int(seed)
+            keys = {name: row_key(cfg, name, table.abd_parts) for name in rows}
+            recorded = res.get("per_seed_keys", {}).get(label, {}).get(seed)
+            if recorded is not None and recorded != keys:
+                raise ValueError(f"{results_file}, line {label} seed {seed}: its rows were made with another config "
+                                 "than this table's; restore it into another --workdir with the config that made it")
+            rows_file = seed_dir(workdir, cfg, int(seed)) / "rows.json"
+            done = json.loads(rows_file.read_text()) if rows_file.exists() else {"rows": {}, "keys": {}}
+            new = [name for name in rows if name not in done["rows"]]
+            clash = [name for name in rows if name in done["rows"] and done["keys"][name] != keys[name]]
+            if clash:
+                raise ValueError(f"{rows_file}: rows {clash} were made with another config than those of "
+                                 f"{results_file}; use another --workdir")
+            if not new:
+                continue
+            for name in new:
+                done["rows"][name], done["keys"][name] = rows[name], keys[name]
+                done.setdefault("restored", {})[name] = source
+            write_json(rows_file, done)
+            restored.append(f"{label} seed {seed}")
+    return restored
+
+
 def aggregate(table, per_line: dict[str, dict[int, dict]]) -> dict:
     """{line: {column: {metric: {mean, std, values}}}} over the seeds that finished."""
     out = {}
@@ -330,6 +372,11 @@ def line_plots(out: Path, label: str, line_dir: Path, table) -> list[str]:
                 shutil.copyfile(f, out / f"{kind}_{label}.png")
                 made.append(f"{kind}_{label}.png")
                 break
+    # Rows restored from an earlier report (restore_rows) come without their histories and images;
+    # finished rows never change, so the figures that report drew from them still hold.
+    if not curves and not made:
+        made = [f"{kind}_{label}.png" for kind in ("curves", "samples", "suspicion")
+                if (out / f"{kind}_{label}.png").exists()]
     return made
 
 
@@ -350,6 +397,11 @@ def write_report(workdir: Path, table, per_line: dict, skipped: list[str], comma
     text = report_table(table, agg, skipped)
     rejected = [f"{label} seed {s}" for label, seeds in per_line.items() for s, run in seeds.items()
                 if any(r.get("sv_vaccine") == "rejected" for r in run["rows"].values())]
+    restored = sorted({src for seeds in per_line.values() for run in seeds.values()
+                       for src in run.get("restored", {}).values()})
+    if restored:
+        text += ("\nSome rows were restored from earlier reports (`--restore-rows`; their figures are those "
+                 f"reports'): {'; '.join(restored)}.\n")
     if rejected:  # spec 3.4: no shuffle passed the tail-ratio test, so SV stayed off
         text += (f"\nThe vaccine failed verification (spec 3.4) on {', '.join(rejected)}: SV stayed off there, so "
                  "each +SV row equals the row without SV (+ABD = +SR).\n")
@@ -367,6 +419,7 @@ def write_report(workdir: Path, table, per_line: dict, skipped: list[str], comma
         "command": command, "commit": _commit(), "device": device, "jax": jax.__version__,
         "rows": agg, "paper": table.paper.to_dict(), "skipped": skipped, "abd_parts": table.abd_parts.to_dict(),
         "per_seed": {label: {str(s): r["rows"] for s, r in seeds.items()} for label, seeds in per_line.items()},
+        "per_seed_keys": {label: {str(s): r["keys"] for s, r in seeds.items()} for label, seeds in per_line.items()},
         "wall_s": wall,
     })
     figs = "\n".join(f"- {label}: " + ", ".join(f"[{f}]({f})" for f in files) for label, files in figures.items() if files)
@@ -384,10 +437,12 @@ def write_report(workdir: Path, table, per_line: dict, skipped: list[str], comma
 
 
 def run_table(table, workdir: Path, labels: list[str] | None = None, *, resume: bool = False,
-              report_only: bool = False, command: str = "", overrides: Sequence[str] = ()) -> dict[str, dict[int, dict]]:
+              report_only: bool = False, command: str = "", overrides: Sequence[str] = (),
+              restore_from: Sequence[Path] = ()) -> dict[str, dict[int, dict]]:
     """Runs (or, with `report_only`, collects) every line in `labels` (default: all) for the
     table's seeds, then writes the report. `overrides` (`apply_overrides`) change every line's job
-    config. Returns {line: {seed: {"teacher", "rows"}}}."""
+    config; `restore_from` (results.json files of earlier reports) first fills the row store with
+    their rows (`restore_rows`). Returns {line: {seed: {"teacher", "rows"}}}."""
     labels = labels or list(table.groups)
     unknown = sorted(set(labels) - set(table.groups))
     if unknown:
@@ -399,6 +454,9 @@ def run_table(table, workdir: Path, labels: list[str] | None = None, *, resume: 
     for cfg in configs.values():
         if cfg is not None:
             apply_overrides(cfg, overrides)
+    for results_file in restore_from:
+        for what in restore_rows(workdir, table, configs, results_file):
+            print(f"[{table.name}] restored {what} from {results_file}", flush=True)
     per_line = {}
     for label in labels:
         cfg = configs[label]
@@ -428,13 +486,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", nargs="+", default=[], metavar="PATH=VALUE",
                     help="change every line's job config, e.g. sections.ood.sv_push_cap=uniform (rows made "
                     "with other values need their own --workdir)")
+    ap.add_argument("--restore-rows", nargs="+", default=[], type=Path, metavar="RESULTS_JSON",
+                    help="first copy the rows of earlier reports of this table (their results.json) into the "
+                    "row store, where it lacks them, e.g. a committed report whose store was not kept")
     args = ap.parse_args(argv)
     table = load_table(args.table)
     if args.seeds:
         table.seeds = args.seeds
     command = "python -m experiments.tables " + " ".join(argv if argv is not None else sys.argv[1:])
     return run_table(table, Path(args.workdir), args.groups, resume=args.resume, report_only=args.report_only,
-                     command=command, overrides=args.set)
+                     command=command, overrides=args.set, restore_from=args.restore_rows)
 
 
 def run() -> None:

@@ -186,3 +186,25 @@ def test_methods_command_is_a_table_on_the_same_store(table_runs, capsys):
     # +ABD = SV for ZSKT here: the ablation's zskt+sv row.
     assert res["per_seed"][SMOKE_LINE]["0"]["zskt+sv"]["asr"] == res["rows"][SMOKE_LINE]["zskt+abd"]["asr"]["mean"]
     assert "| badnets_grid |" in capsys.readouterr().out
+
+
+def test_rows_restored_from_a_report_rebuild_it(table_runs, tmp_path):
+    """A report's results.json is enough to rebuild its row store: the same rows and keys, a
+    --report-only over them gives the same numbers, and a report of another config is refused."""
+    workdir, _ = table_runs
+    report = workdir / "ablation" / "results.json"
+    tables.main(["--table", f"{TABLE_DIR / 'ablation'}.py:smoke", "--workdir", str(tmp_path), "--seeds", "0",
+                 "--report-only", "--restore-rows", str(report)])
+    original = json.loads(next((workdir / "rows").rglob("rows.json")).read_text())
+    restored = json.loads(next((tmp_path / "rows").rglob("rows.json")).read_text())
+    assert (restored["rows"], restored["keys"]) == (original["rows"], original["keys"])
+    assert set(restored["restored"]) == set(original["rows"])
+    after = json.loads((tmp_path / "ablation" / "results.json").read_text())
+    assert after["rows"] == json.loads(report.read_text())["rows"]
+    assert "restored from earlier reports" in (tmp_path / "ablation" / "report.md").read_text()
+    with pytest.raises(ValueError, match="--table ablation:smoke"):  # another table's report
+        tables.main(["--table", f"{TABLE_DIR / 'datasets'}.py:smoke", "--workdir", str(tmp_path / "b"),
+                     "--report-only", "--restore-rows", str(report)])
+    with pytest.raises(ValueError, match="another config"):  # its recorded keys say another config
+        tables.main(["--table", f"{TABLE_DIR / 'ablation'}.py:smoke", "--workdir", str(tmp_path / "c"),
+                     "--report-only", "--restore-rows", str(report), "--set", "clean_kd.epochs=7"])
