@@ -283,8 +283,10 @@ def report_table(table, agg: dict, skipped: list[str]) -> str:
         if label in skipped:
             body.append([label, "ours", *(["not at this scale"] + ["–"] * (len(table.columns) - 1))])
         else:
-            n = max((len(v["acc"]["values"]) for v in agg.get(label, {}).values()), default=0)
-            body.append([label, f"ours ({n} seed{'s' if n != 1 else ''})" if n else "ours: not run yet",
+            counts = sorted({len(v["acc"]["values"]) for v in agg.get(label, {}).values()})
+            n = f"{counts[0]}-{counts[-1]}" if len(counts) > 1 else str(counts[0]) if counts else ""
+            # A line whose columns finished on different numbers of seeds says so ("1-2 seeds").
+            body.append([label, f"ours ({n} seed{'' if n == '1' else 's'})" if n else "ours: not run yet",
                          *(_cell(agg.get(label, {}).get(c)) for c in table.columns)])
         if paper:
             body.append(["", "paper", *(" / ".join(fmt(x) for x in paper[c]) if c in paper else "–"

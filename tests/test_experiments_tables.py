@@ -223,3 +223,14 @@ def test_committed_digits_reports_are_what_their_committed_rows_give(name, tmp_p
     rebuilt = json.loads((tmp_path / name / "results.json").read_text())
     assert rebuilt["rows"] == res["rows"] and rebuilt["per_seed"] == res["per_seed"]
     assert rebuilt["per_seed_keys"] == res["per_seed_keys"]
+
+
+def test_a_line_whose_columns_have_different_seed_counts_says_so():
+    from experiments.quickstart_seeds import mean_std
+
+    t = tables.load_table(f"{TABLE_DIR / 'ablation'}.py:smoke")
+    cell = lambda *v: {k: mean_std(list(v)) for k in ("acc", "asr", "clean_target_rate")}  # noqa: E731
+    text = tables.report_table(t, {SMOKE_LINE: {"zskt": cell(90.0, 92.0), "clean_kd": cell(95.0)}}, [])
+    assert f"| {SMOKE_LINE} | ours (1-2 seeds) |" in text and "91.0 ± 1.4 / 91.0 ± 1.4" in text
+    text = tables.report_table(t, {SMOKE_LINE: {"zskt": cell(90.0)}}, [])
+    assert f"| {SMOKE_LINE} | ours (1 seed) |" in text
