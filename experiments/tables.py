@@ -125,6 +125,19 @@ def seed_dir(workdir: Path, cfg, seed: int) -> Path:
     return workdir / "rows" / variant / cfg.attack.trigger / f"seed_{seed}"
 
 
+def with_seed(cfg, seed: int):
+    """A copy of one line's job config for one seed."""
+    cfg = cfg.copy_and_resolve_references()
+    cfg.seed = seed
+    return cfg
+
+
+def read_rows(rows_file: Path) -> dict:
+    """One seed's rows.json: {"rows", "keys"} (and "restored", where rows came from a report);
+    empty when nothing has finished there yet."""
+    return json.loads(rows_file.read_text()) if rows_file.exists() else {"rows": {}, "keys": {}}
+
+
 PART_ROWS = {frozenset({"sv"}): "sv", frozenset({"sr"}): "sr", frozenset({"sv", "sr"}): "abd"}
 ROW_PARTS = {"sv": ("sv",), "sr": ("sr",), "abd": ("sv", "sr")}
 
@@ -169,11 +182,10 @@ def row_key(cfg, column: str, abd_parts: dict) -> str:
 def run_line(workdir: Path, table, cfg, seed: int, resume: bool) -> dict:
     """Every column of one line and seed: {"rows": {column: metrics}, "keys": {column: config hash}}; rows.json
     records each finished row (shared by every table run on the same DIR)."""
-    cfg = cfg.copy_and_resolve_references()
-    cfg.seed = seed
+    cfg = with_seed(cfg, seed)
     out = seed_dir(workdir, cfg, seed)
     rows_file = out / "rows.json"
-    done = json.loads(rows_file.read_text()) if rows_file.exists() else {"rows": {}, "keys": {}}
+    done = read_rows(rows_file)
     columns = [source_row(c, table.abd_parts) for c in table.columns]
     for col in columns:
         if col in done["rows"] and done["keys"][col] != row_key(cfg, col, table.abd_parts):
@@ -230,15 +242,14 @@ def restore_rows(workdir: Path, table, configs: dict, results_file: Path) -> lis
         if configs.get(label) is None:
             continue
         for seed, rows in seeds.items():
-            cfg = configs[label].copy_and_resolve_references()
-            cfg.seed = int(seed)
+            cfg = with_seed(configs[label], int(seed))
             keys = {name: row_key(cfg, name, table.abd_parts) for name in rows}
             recorded = res.get("per_seed_keys", {}).get(label, {}).get(seed)
             if recorded is not None and recorded != keys:
                 raise ValueError(f"{results_file}, line {label} seed {seed}: its rows were made with another config "
                                  "than this table's; restore it into another --workdir with the config that made it")
             rows_file = seed_dir(workdir, cfg, int(seed)) / "rows.json"
-            done = json.loads(rows_file.read_text()) if rows_file.exists() else {"rows": {}, "keys": {}}
+            done = read_rows(rows_file)
             new = [name for name in rows if name not in done["rows"]]
             clash = [name for name in rows if name in done["rows"] and done["keys"][name] != keys[name]]
             if clash:
@@ -469,7 +480,7 @@ def run_table(table, workdir: Path, labels: list[str] | None = None, *, resume: 
             if report_only:
                 f = seed_dir(workdir, cfg, seed) / "rows.json"
                 if f.exists():
-                    per_line[label][seed] = json.loads(f.read_text())
+                    per_line[label][seed] = read_rows(f)
             else:
                 per_line[label][seed] = run_line(workdir, table, cfg, seed, resume)
     write_report(workdir, table, per_line, skipped, command)
