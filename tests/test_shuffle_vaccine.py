@@ -445,3 +445,60 @@ def test_divergence_fn_matches_the_mask_divergence(teacher, vaccine):
     )
     _, want = suspicion(t_logits, ens(model, sv.params, sv.batch_stats, x))
     np.testing.assert_allclose(d, want, rtol=1e-5, atol=1e-9)
+
+
+# ------------------------------------------------------------------------ shared prefix
+
+
+def test_shared_prefix_child_is_where_the_shuffled_kernels_start(teacher):
+    _, variables, _, _ = teacher
+    params = variables["params"]
+    assert sv_lib.shared_prefix_child(params, 5) == "block3"  # the default: all of block3
+    assert sv_lib.shared_prefix_child(params, 6) == "block2"  # block2's last conv joins in
+    assert sv_lib.shared_prefix_child(params, 0) is None  # nothing shuffled
+    assert sv_lib.shared_prefix_child(params, 100) is None  # the stem too: nothing to share
+    vgg = random_variables(get_model("vgg_small", C))["params"]
+    assert sv_lib.shared_prefix_child(vgg, 5) == "conv2"
+
+
+def test_shared_prefix_gives_the_values_and_gradients_of_whole_forwards(teacher, vaccine):
+    model, variables, x, _ = teacher
+    sv, _ = vaccine
+    assert sv.split_at == "block3"
+
+    def ens(x, split_at, vectorize):
+        return ensemble_logits(model, sv.params, sv.batch_stats, x, vectorize=vectorize, split_at=split_at)
+
+    for vectorize in (False, True):
+        whole, shared = (jax.jit(lambda x, s=s: ens(x, s, vectorize)) for s in (None, "block3"))
+        if vectorize:
+            np.testing.assert_allclose(shared(x), whole(x), rtol=1e-6, atol=1e-6)
+        else:  # the same operations on the same values, summed in the same order
+            np.testing.assert_array_equal(shared(x), whole(x))
+        g_whole, g_shared = (
+            jax.jit(jax.grad(lambda x, s=s: jnp.sum(jnp.sin(ens(x, s, vectorize))))) for s in (None, "block3")
+        )
+        # The copies' cotangents are summed before the prefix instead of after it: rounding only.
+        np.testing.assert_allclose(g_shared(x), g_whole(x), rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prefix_needs_equal_prefixes_and_runs_the_prefix_once(teacher, vaccine):
+    """Copies that differ before the split are not what a vaccine makes: the shared form then
+    gives copy 0's prefix to every copy, so its logits differ from whole forwards (the test can
+    fail), and the prefix's convolutions appear once in the compiled computation, not 3 times."""
+    model, variables, x, _ = teacher
+    sv, _ = vaccine
+    broken = make_shuffled_ensemble(jax.random.key(9), variables["params"], 3, 6)  # block2's last conv too
+    whole = ensemble_logits(model, broken, sv.batch_stats, x, vectorize=False)
+    shared = ensemble_logits(model, broken, sv.batch_stats, x, vectorize=False, split_at="block3")
+    assert not np.allclose(whole, shared, atol=1e-4)
+
+    def n_convs(split_at):
+        # The state is an argument, as in the runs (as a closure constant XLA would merge the
+        # copies' identical prefixes itself).
+        fn = jax.jit(lambda s, x: ensemble_logits(model, s.params, s.batch_stats, x, vectorize=False, split_at=split_at))
+        return fn.lower(sv, x).compile().as_text().count("convolution(")
+
+    n_per_forward = len(conv_kernel_paths(variables["params"]))  # 15 for WRN-16-1
+    assert n_convs(None) == 3 * n_per_forward
+    assert n_convs("block3") == n_per_forward + 2 * len(BLOCK3)

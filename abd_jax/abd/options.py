@@ -20,6 +20,9 @@ class ABDOptions:
     sv_verify_after: 0 keeps SV on from the start (the released ZSKT-CIFAR10 and OOD sweeps);
       P > 0 first runs P steps with SV off, pools samples, and switches SV on only if a shuffle
       passes the tail-ratio test at `sv_verify_threshold` (spec 3.4; ZSKT-GTSRB: P = 50).
+    sv_share_prefix: run the copies' unshuffled prefix once (`shuffle_vaccine.ensemble_logits`,
+      models/prefix.py): the same logits, gradients summed in another order. False runs every
+      copy whole, as before 2026-11-27 (bitwise reproduction of earlier runs).
     sr_*: Self-Retrospection, resumed with a fresh Adam at `sr_resume_lr` for the SR phase
       (spec 4.2); the trigger is synthesized in `sr_rounds` Adam steps at `sr_pert_lr` by
       `sr_trigger_model` ("teacher": the released sweeps; "student": the poster's story), applied
@@ -34,6 +37,7 @@ class ABDOptions:
     sv_layers: int = 5
     sv_verify_after: int = 0
     sv_verify_threshold: float = 0.02
+    sv_share_prefix: bool = True
     sr_coef: float = 1.0
     sr_resume_lr: float = 5e-4
     sr_rounds: int = 10

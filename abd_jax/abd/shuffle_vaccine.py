@@ -42,6 +42,7 @@ from flax import struct, traverse_util
 from flax.core import FrozenDict, freeze
 
 from abd_jax.losses import kl_elementwise
+from abd_jax.models.prefix import apply_capturing_input, apply_from_input, is_sequential
 from abd_jax.models.registry import conv_kernel_paths
 
 PyTree = Any
@@ -131,9 +132,20 @@ def _logits(out: Any) -> jax.Array:
     return out[0] if isinstance(out, tuple) else out
 
 
+def shared_prefix_child(params: Mapping[str, Any], n_layers: int) -> str | None:
+    """The top-level child holding the first shuffled kernel: every copy computes the same values
+    up to its input, so `ensemble_logits` can run that prefix once (models/prefix.py). None when
+    nothing is shuffled or the first shuffled kernel sits in the stem's child (nothing to share)."""
+    chosen = shuffled_kernel_paths(params, n_layers)
+    if not chosen:
+        return None
+    child = chosen[0][0]
+    return None if child == conv_kernel_paths(params)[0][0] else child
+
+
 def ensemble_logits(
     model: nn.Module, stacked_params: PyTree, batch_stats: PyTree, x: jax.Array,
-    vectorize: bool | None = None,
+    vectorize: bool | None = None, split_at: str | None = None,
 ) -> jax.Array:
     """T~(x): the mean of the shuffled copies' logits (spec 3.1, `EnsembleNet`).
 
@@ -147,23 +159,45 @@ def ensemble_logits(
       x: normalized images [B, H, W, C].
       vectorize: vmap over the copies (True) or a Python loop (False); None (default) picks the
         loop on the CPU backend and vmap elsewhere.
+      split_at: the top-level child where the copies start to differ (`shared_prefix_child`;
+        `ShuffleVaccine.split_at`). When given and the model declares a chain of children
+        (`models.prefix.is_sequential`), the unshuffled prefix runs once, in the first copy, and
+        the other copies start from its activation; the logits are those of whole forwards (the
+        same operations on the same values). Needs copies whose unshuffled leaves are equal, as
+        `make_shuffled_ensemble` and `reshuffle_ensemble` make them.
     Returns:
       [B, num_classes] mean logits. Differentiable in x.
     """
 
+    def variables(p: PyTree) -> dict[str, PyTree]:
+        return {"params": p, "batch_stats": batch_stats} if batch_stats else {"params": p}
+
     def one(p: PyTree) -> jax.Array:
-        variables = {"params": p, "batch_stats": batch_stats} if batch_stats else {"params": p}
-        return _logits(model.apply(variables, x, train=False))
+        return _logits(model.apply(variables(p), x, train=False))
 
     if vectorize is None:
         vectorize = jax.default_backend() != "cpu"
+    n = jax.tree.leaves(stacked_params)[0].shape[0]
+    copy = lambda i: jax.tree.map(lambda leaf: leaf[i], stacked_params)  # noqa: E731
+    if split_at is not None and n > 1 and is_sequential(model):
+        out0, h = apply_capturing_input(model, variables(copy(0)), x, split_at, train=False)
+
+        def tail(p: PyTree) -> jax.Array:
+            return _logits(apply_from_input(model, variables(p), x, split_at, h, train=False))
+
+        if vectorize:
+            rest = jax.vmap(tail)(jax.tree.map(lambda leaf: leaf[1:], stacked_params))
+            return jnp.mean(jnp.concatenate([_logits(out0)[None], rest]), axis=0)
+        total = _logits(out0)
+        for i in range(1, n):
+            total = total + tail(copy(i))
+        return total / n
     if vectorize:
         return jnp.mean(jax.vmap(one)(stacked_params), axis=0)
     # A Python loop over the (few, static) copies: vmapping a convolution over stacked kernels
     # makes a grouped convolution, which XLA:CPU ran far slower (the ZSKT+SV pseudo-batch: 2.4 s
     # with vmap, 1.6 s with the loop, vanilla 1.2 s; docs/ABD_SV.md). Same values.
-    n = jax.tree.leaves(stacked_params)[0].shape[0]
-    return sum(one(jax.tree.map(lambda leaf: leaf[i], stacked_params)) for i in range(n)) / n
+    return sum(one(copy(i)) for i in range(n)) / n
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,6 +314,9 @@ class ShuffleVaccine(struct.PyTreeNode):
       preset_coef: float32 [], the lambda to switch on when verification passes.
       tested: bool [], True once the coefficient is final (verified, or no verification asked).
       trials: int32 [], how many shuffles verification tried (0 if it has not run).
+      split_at: static, the top-level child where the copies start to differ
+        (`shared_prefix_child`); `ensemble_logits` runs the prefix before it once. None: whole
+        forwards.
     """
 
     params: PyTree
@@ -288,6 +325,7 @@ class ShuffleVaccine(struct.PyTreeNode):
     preset_coef: jax.Array
     tested: jax.Array
     trials: jax.Array
+    split_at: str | None = struct.field(pytree_node=False, default=None)
 
     @property
     def n_copies(self) -> int:
@@ -302,6 +340,7 @@ def init_shuffle_vaccine(
     n_copies: int = DEFAULT_N_COPIES,
     n_layers: int = DEFAULT_N_LAYERS,
     verify: bool = False,
+    share_prefix: bool = True,
 ) -> ShuffleVaccine:
     """Builds the SV state from the teacher's variables ({'params', 'batch_stats'}).
 
@@ -318,6 +357,7 @@ def init_shuffle_vaccine(
         preset_coef=jnp.full((), coef, jnp.float32),
         tested=jnp.asarray(not verify),
         trials=jnp.zeros((), jnp.int32),
+        split_at=shared_prefix_child(teacher_variables["params"], n_layers) if share_prefix else None,
     )
 
 
@@ -368,7 +408,7 @@ def make_generator_penalty(
 
         def on(operands):
             t_logits, x_in = operands
-            sh = ensemble_logits(model, s.params, s.batch_stats, x_in)
+            sh = ensemble_logits(model, s.params, s.batch_stats, x_in, split_at=s.split_at)
             if not shuffled_grad:
                 sh = jax.lax.stop_gradient(sh)
             loss, metrics = sv_penalty(t_logits, sh, coef)
@@ -410,7 +450,7 @@ def make_sample_weights(
 
         def on(operands):
             t_logits, x_in = operands
-            sh = ensemble_logits(model, s.params, s.batch_stats, jax.lax.stop_gradient(x_in))
+            sh = ensemble_logits(model, s.params, s.batch_stats, jax.lax.stop_gradient(x_in), split_at=s.split_at)
             mask, _ = suspicion(t_logits, sh)
             return ood_sample_weights(mask, coef)
 
@@ -433,7 +473,7 @@ def make_divergence_fn(model: nn.Module) -> DivergenceFn:
     and hand it to `verify_vaccine`."""
 
     def divergence(sv: ShuffleVaccine, x: jax.Array, teacher_logits: jax.Array) -> jax.Array:
-        sh = ensemble_logits(model, sv.params, sv.batch_stats, x)
+        sh = ensemble_logits(model, sv.params, sv.batch_stats, x, split_at=sv.split_at)
         return suspicion(teacher_logits, sh)[1]
 
     return divergence
@@ -589,7 +629,7 @@ def suspicion_reports(
     @jax.jit
     def logits(x: jax.Array) -> tuple[jax.Array, jax.Array]:
         t = _logits(model.apply(teacher_variables, x, train=False))
-        return t, ensemble_logits(model, sv.params, sv.batch_stats, x)
+        return t, ensemble_logits(model, sv.params, sv.batch_stats, x, split_at=sv.split_at)
 
     out = {}
     for name, x in batches.items():

@@ -256,7 +256,7 @@ def build_cmi(teacher, dataset: Dataset, cfg: CMIConfig, seed: int, teacher_vars
     hook_state = None
     if cfg.sv:
         hook_state = init_shuffle_vaccine(k_sv, teacher_vars, coef=cfg.sv_coef, n_copies=cfg.sv_copies,
-                                          n_layers=cfg.sv_layers)
+                                          n_layers=cfg.sv_layers, share_prefix=cfg.sv_share_prefix)
         # Computed and multiplied by coef rather than skipped under lax.cond (ZSKT measured the
         # cond slower on XLA:CPU, docs/ABD_SV.md); with coef 0 the loss is unchanged.
         hooks = hooks._replace(generator_penalty=make_generator_penalty(teacher, skip_when_off=False))

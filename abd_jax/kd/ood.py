@@ -254,7 +254,7 @@ def build_ood(teacher, teacher_vars: PyTree, dataset: Dataset, cfg: OODConfig, s
     if cfg.sv:
         sv_state = init_shuffle_vaccine(jax.random.fold_in(k_run, 3), teacher_vars, coef=cfg.sv_coef,
                                         n_copies=cfg.sv_copies, n_layers=cfg.sv_layers,
-                                        verify=cfg.sv_verify_after > 0)
+                                        verify=cfg.sv_verify_after > 0, share_prefix=cfg.sv_share_prefix)
         hooks = hooks._replace(sample_weights=make_sample_weights(teacher))
     tx = optax.adam(multistep_schedule(cfg))
     state = OODState(student=create_train_state(s_vars, tx, jax.random.fold_in(k_run, 1)),

@@ -10,6 +10,7 @@ torchvision's ResNet does; no reported result uses these models (spec 8), so not
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -61,6 +62,9 @@ class ResNet(nn.Module):
     Returns `(logits [B, num_classes], (f1, f2, f3, f4))`, the four stage outputs with
     64, 128, 256, 512 channels at strides 1, 2, 4, 8.
     """
+
+    # Top-level children form a chain (conv1 -> bn1 -> layer1..4 -> fc): models/prefix.py.
+    SEQUENTIAL_CHILDREN: ClassVar[bool] = True
 
     stage_sizes: Sequence[int]
     num_classes: int

@@ -11,6 +11,8 @@ reference's shuffling vaccine silently shuffled nothing for this model. Here the
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,6 +35,9 @@ class SmallVGG(nn.Module):
     [B, H/8, W/8, 128]); s3 is what the reference model returns as its single feature.
     Dropout is active only when `train=True` and then needs a 'dropout' rng.
     """
+
+    # Top-level children form a chain (conv1 -> bn1 -> ... -> conv6 -> bn6 -> fc): models/prefix.py.
+    SEQUENTIAL_CHILDREN: ClassVar[bool] = True
 
     num_classes: int = 43
 

@@ -8,6 +8,8 @@ kernels" by path (see `registry.conv_kernel_paths`). The layout mirrors the PyTo
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -63,6 +65,9 @@ class WideResNet(nn.Module):
     stages ([B, H, W, 16k], [B, H/2, W/2, 32k], [B, H/4, W/4, 64k]), taken before the final
     BN-ReLU, for attention transfer.
     """
+
+    # Top-level children form a chain (conv1 -> block1..3 -> bn -> fc): models/prefix.py.
+    SEQUENTIAL_CHILDREN: ClassVar[bool] = True
 
     depth: int
     widen_factor: int
