@@ -1,4 +1,5 @@
-"""The main job: `python -m experiments.quickstart --workdir DIR [--seed N] [--abd] [--smoke] [--resume]`.
+"""The main job: `python -m experiments.quickstart --workdir DIR [--seed N] [--abd] [--smoke] [--resume]
+[--set zskt.FIELD=VALUE ...]`.
 
 On the embedded digits (no download): train (or reuse) a BadNets-grid poisoned WRN-16-1 teacher,
 distil it with vanilla ZSKT (with `--abd` also with ZSKT+SV, ZSKT+SR and ZSKT+ABD) and with clean KD, print the table and write into DIR `results.json`,
@@ -21,6 +22,7 @@ from abd_jax.jobs import (
     write_results,
 )
 from experiments.configs.quickstart import add_abd_settings, get_config
+from experiments.tables import apply_overrides
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,11 +35,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--abd", action="store_true",
                     help="add the ABD rows zskt+sv, zskt+sr, zskt+abd (SR over the last "
                          "zskt.sr_pseudo_batches of the run)")
+    ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="PATH=VALUE",
+                    help="change a job-config field, e.g. zskt.generator_upsample=separate zskt.sv_share_prefix=false "
+                         "(the float order of runs before 2026-11-27)")
     args = ap.parse_args(argv)
     cfg = get_config("smoke" if args.smoke else None)
     cfg.seed = args.seed
     if args.abd:
         add_abd_settings(cfg, args.smoke)
+    apply_overrides(cfg, args.overrides)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--abd", action="store_true", help="add the ABD rows (see experiments.quickstart)")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="PATH=VALUE",
+                    help="passed to every seed's experiments.quickstart (e.g. zskt.generator_upsample=separate)")
     args = ap.parse_args(argv)
     from experiments import quickstart
 
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
         done = out / "results.json"
         if not done.exists():
             quickstart.main([f"--workdir={out}", f"--seed={seed}", *(["--abd"] if args.abd else []),
-                             *(["--smoke"] if args.smoke else [])])
+                             *(["--smoke"] if args.smoke else []),
+                             *(["--set", *args.overrides] if args.overrides else [])])
         per_seed[seed] = json.loads(done.read_text())
     agg = aggregate(per_seed)
     text = table(agg, args.seeds)

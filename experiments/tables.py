@@ -153,15 +153,21 @@ def source_row(column: str, abd_parts: dict) -> str:
 
 
 # Config fields added after rows were stored. At these values a row computes what it did before the
-# field existed, so they stay out of its hash and the stored rows keep matching their commands.
+# field existed, so they stay out of its hash and the stored rows keep matching their commands. At
+# their defaults sv_share_prefix and generator_upsample (2026-11-27, docs/PERFORMANCE.md) compute
+# the same values in another float order, which over a run can change a row's outcome: they enter
+# the hash, so rows made before them are not silently mixed with rows made after.
 LATER_FIELDS = {"ood": {"sv_push_cap": "none"}}
+LATER_FIELDS_EVERY_METHOD = {"sv_share_prefix": False, "generator_upsample": "separate"}
 
 
-def _section_for_key(cfg, method: str) -> dict:
+def _section_for_key(cfg, method: str, uses_sv: bool) -> dict:
     section = cfg.sections[method].to_dict()
-    for field, value in LATER_FIELDS.get(method, {}).items():
+    for field, value in {**LATER_FIELDS_EVERY_METHOD, **LATER_FIELDS.get(method, {})}.items():
         if section.get(field) == value:
             section.pop(field)
+    if not uses_sv:  # no vaccine in this row: how its copies would run changes nothing
+        section.pop("sv_share_prefix", None)
     return section
 
 
@@ -173,7 +179,7 @@ def row_key(cfg, column: str, abd_parts: dict) -> str:
     if column == "clean_kd":
         parts["clean_kd"] = cfg.clean_kd.to_dict()
     elif column != "teacher":
-        parts[method] = _section_for_key(cfg, method)
+        parts[method] = _section_for_key(cfg, method, uses_sv=abd in ("sv", "abd"))
         if abd and method != "zskt":
             parts["abd"] = [list(ROW_PARTS[abd]), cfg.sr_steps[method]]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -102,6 +102,7 @@ def test_quickstart_config_through_the_generic_cli_names_its_own_command(tmp_pat
         ("student", MODEL_NAMES),
         ("schedule", ("cosine", "constant")),
         ("generator_out", ("none", "tanh")),
+        ("generator_upsample", ("fused", "separate")),
         ("fuse", ("unroll", "scan", "host")),
         ("sr_fuse", ("unroll", "scan", "host")),
         ("sr_trigger_model", ("teacher", "student")),

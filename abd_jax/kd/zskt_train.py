@@ -83,6 +83,10 @@ class ZSKTConfig(ABDOptions):
     schedule: str = "cosine"  # "cosine" over the run (spec) or "constant"
     generator_width: int = 128
     generator_out: str = "none"
+    # "fused": each upsample + 3x3 conv of the generator as four 2x2 convs of the small image
+    # (models/upsample_conv.py, same values up to rounding, ~2.5x less work); "separate": upsample
+    # then convolve, as before 2026-11-27 (bitwise reproduction of earlier runs).
+    generator_upsample: str = "fused"
     fuse: str = "unroll"
     scan_unroll: int = 1
     eval_every: int = 0  # 0: ten evaluations per run
@@ -103,6 +107,7 @@ class ZSKTConfig(ABDOptions):
             "student": MODEL_NAMES,
             "schedule": ("cosine", "constant"),
             "generator_out": tuple(sorted(_OUT_ACTIVATIONS)),
+            "generator_upsample": ("fused", "separate"),
             "fuse": ("unroll", "scan", "host"),
             "sr_fuse": ("unroll", "scan", "host"),
             "sr_trigger_model": ("teacher", "student"),
@@ -140,7 +145,8 @@ def sv_hooks(teacher, teacher_vars: PyTree, cfg: ZSKTConfig, key: jax.Array):
     if not cfg.sv:
         return None, None
     state = init_shuffle_vaccine(key, teacher_vars, coef=cfg.sv_coef, n_copies=cfg.sv_copies,
-                                 n_layers=cfg.sv_layers, verify=cfg.sv_verify_after > 0)
+                                 n_layers=cfg.sv_layers, verify=cfg.sv_verify_after > 0,
+                                 share_prefix=cfg.sv_share_prefix)
     return sv_penalty_hook(teacher), state
 
 
@@ -220,7 +226,8 @@ def build_zskt(teacher, dataset: Dataset, cfg: ZSKTConfig, seed: int, hooks: DFK
         check_classifier_fits(teacher, teacher_vars, dataset.image_shape, dataset.num_classes)
     student = get_model(cfg.student, num_classes=dataset.num_classes)
     generator = Generator(z_dim=cfg.z_dim, image_size=size, channels=channels,
-                          width=cfg.generator_width, out_activation=cfg.generator_out)
+                          width=cfg.generator_width, out_activation=cfg.generator_out,
+                          fused_upsample=cfg.generator_upsample == "fused")
     k_s, k_g, k_run = jax.random.split(jax.random.key(seed), 3)
     s_vars = init_model(student, k_s, dataset.image_shape)
     g_vars = generator.init(k_g, jnp.zeros((2, cfg.z_dim)), train=False)

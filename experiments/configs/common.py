@@ -57,6 +57,7 @@ def zskt_config(pseudo_batches: int = 300) -> ml_collections.ConfigDict:
     c.schedule = "cosine"
     c.generator_width = 128
     c.generator_out = "none"
+    c.generator_upsample = "fused"  # "separate": as before 2026-11-27 (ZSKTConfig.generator_upsample)
     c.fuse = "unroll"
     c.scan_unroll = 1
     c.eval_every = 0
@@ -69,6 +70,7 @@ def zskt_config(pseudo_batches: int = 300) -> ml_collections.ConfigDict:
     c.sv_layers = 5
     c.sv_verify_after = 0  # spec 3.4 verification after P warm-up pseudo-batches; 0 = off (released)
     c.sv_verify_threshold = 0.02  # the tail ratio a shuffle must exceed
+    c.sv_share_prefix = True  # False: every shuffled copy run whole, as before 2026-11-27
     c.sr_pseudo_batches = 0
     c.sr_coef = 1.0
     c.sr_resume_lr = 5e-4
