@@ -1,6 +1,6 @@
 """Side-by-side reference timings (issue 7): the reference's ZSKT workload re-created in PyTorch.
 
-    python -m benchmarks.reference_torch [--cases teacher_forward kd_step zskt zskt_sv]
+    python -m benchmarks.reference_torch [--cases teacher_forward kd_step zskt zskt_sv [student_fwd_bwd]]
                                          [--threads 2] [--device cpu|cuda] [--repeats 5] [--json]
 
 Why this exists: issue 7's reference figures were taken on this machine on an earlier day, and
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CASES = ("teacher_forward", "kd_step", "zskt", "zskt_sv")
+CASES = ("teacher_forward", "kd_step", "zskt", "zskt_sv", "student_fwd_bwd")
 
 
 class Block(nn.Module):
@@ -175,6 +175,11 @@ class Workload:
     def kd_step(self) -> None:
         self.student_step(self.x)
 
+    def student_fwd_bwd(self) -> None:
+        """Student forward + backward in train mode (as benchmarks.suite's `student_fwd_bwd`)."""
+        self.student.zero_grad()
+        self.student(self.x)[0].pow(2).mean().backward()
+
     def teacher_forward(self) -> None:
         with torch.no_grad():
             self.teacher(self.x)
@@ -199,7 +204,7 @@ def run_case(case: str, batch: int, repeats: int, device: str = "cpu") -> dict:
     torch.manual_seed(0)
     work = Workload(batch, sv=case == "zskt_sv", device=device)
     fn = {"teacher_forward": work.teacher_forward, "kd_step": work.kd_step,
-          "zskt": work.pseudo_batch, "zskt_sv": work.pseudo_batch}[case]
+          "zskt": work.pseudo_batch, "zskt_sv": work.pseudo_batch, "student_fwd_bwd": work.student_fwd_bwd}[case]
     sync = torch.cuda.synchronize if work.device.type == "cuda" else (lambda: None)
     row = {"case": case, "impl": "pytorch-reference-workload", "batch": batch, "device": str(work.device),
            **time_calls(fn, repeats, sync)}
@@ -210,7 +215,7 @@ def run_case(case: str, batch: int, repeats: int, device: str = "cpu") -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    ap.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES[:4]))
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (the issue's reference: 2)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
