@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from abd_jax.losses import cross_entropy, kl_per_example
+from abd_jax.models.prefix import capture_call_inputs
 
 Metrics = dict[str, jax.Array]
 METHODS = ("zskt", "dfad", "dafl")
@@ -136,17 +137,11 @@ def penultimate_apply(model: nn.Module, head: str = "fc") -> Callable[..., tuple
     as they are and the call is an ordinary pure `apply` (jit/grad see one trace).
     """
 
+    def is_head(context: Any) -> bool:
+        return context.method_name == "__call__" and isinstance(context.module, nn.Dense) and context.module.name == head
+
     def apply(variables: Any, x: jax.Array, **kwargs: Any) -> tuple[Any, jax.Array]:
-        captured: list[jax.Array] = []
-
-        def interceptor(next_fun, args, kw, context):
-            module = context.module
-            if context.method_name == "__call__" and isinstance(module, nn.Dense) and module.name == head:
-                captured.append(args[0])
-            return next_fun(*args, **kw)
-
-        with nn.intercept_methods(interceptor):
-            out = model.apply(variables, x, **kwargs)
+        out, captured = capture_call_inputs(model, variables, x, is_head, **kwargs)
         if len(captured) != 1:
             raise ValueError(f"{type(model).__name__} has {len(captured)} Dense layers named {head!r}; "
                              "the penultimate features need exactly one classifier head")

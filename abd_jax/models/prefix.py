@@ -22,7 +22,7 @@ uses its output, so jit's dead-code elimination removes it and no gradient flows
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -40,19 +40,29 @@ def _is_child_call(context: Any, child: str) -> bool:
     return context.method_name == "__call__" and tuple(context.module.path) == (child,)
 
 
-def apply_capturing_input(
-    model: nn.Module, variables: Variables, x: jax.Array, child: str, **kwargs: Any
-) -> tuple[Any, jax.Array]:
-    """`model.apply(variables, x, **kwargs)` and the activation entering top-level `child`."""
-    captured = []
+def capture_call_inputs(
+    model: nn.Module, variables: Variables, x: jax.Array, matches: Callable[[Any], bool], **kwargs: Any
+) -> tuple[Any, list[jax.Array]]:
+    """`model.apply(variables, x, **kwargs)` and the first positional argument of every module
+    method call whose interception context satisfies `matches` (flax `nn.intercept_methods`), in
+    call order. The models stay as they are, and jit/grad see one ordinary trace."""
+    captured: list[jax.Array] = []
 
     def interceptor(next_fun, args, kw, context):
-        if _is_child_call(context, child):
+        if matches(context):
             captured.append(args[0])
         return next_fun(*args, **kw)
 
     with nn.intercept_methods(interceptor):
         out = model.apply(variables, x, **kwargs)
+    return out, captured
+
+
+def apply_capturing_input(
+    model: nn.Module, variables: Variables, x: jax.Array, child: str, **kwargs: Any
+) -> tuple[Any, jax.Array]:
+    """`model.apply(variables, x, **kwargs)` and the activation entering top-level `child`."""
+    out, captured = capture_call_inputs(model, variables, x, lambda c: _is_child_call(c, child), **kwargs)
     if len(captured) != 1:
         raise ValueError(f"top-level child {child!r} was called {len(captured)} times in one forward pass; "
                          "a shared prefix needs it called exactly once")
