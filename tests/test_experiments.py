@@ -23,3 +23,22 @@ def test_seed_aggregate_is_mean_and_sample_std():
 def test_sr_variant_parsing():
     assert parse_variant("portion=0.5,rounds=20") == {"sr_portion": 0.5, "sr_rounds": 20}
     assert parse_variant("sr_coef=50,trigger_model=student") == {"sr_coef": 50, "sr_trigger_model": "student"}
+
+
+def test_quickstart_set_reaches_the_zskt_config_and_refuses_unknown_fields(tmp_path):
+    """`--set zskt.generator_upsample=separate zskt.sv_share_prefix=False` (the float order of runs
+    before 2026-11-27) reaches the typed config; a misspelt field stops before anything runs."""
+    from abd_jax.jobs import zskt_config_from
+    from experiments import quickstart
+    from experiments.configs.quickstart import get_config
+    from experiments.tables import apply_overrides
+
+    cfg = get_config("smoke")
+    default = zskt_config_from(cfg.zskt)
+    assert (default.generator_upsample, default.sv_share_prefix) == ("fused", True)
+    apply_overrides(cfg, ["zskt.generator_upsample=separate", "zskt.sv_share_prefix=False"])
+    z = zskt_config_from(cfg.zskt)
+    assert (z.generator_upsample, z.sv_share_prefix) == ("separate", False)
+    with pytest.raises(ValueError, match="generator_upsample"):
+        quickstart.main(["--smoke", f"--workdir={tmp_path / 'qs'}", "--set", "zskt.generator_upsampel=separate"])
+    assert not (tmp_path / "qs").exists()
