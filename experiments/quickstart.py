@@ -22,7 +22,7 @@ from abd_jax.jobs import (
     write_results,
 )
 from experiments.configs.quickstart import add_abd_settings, get_config
-from experiments.tables import apply_overrides
+from experiments.overrides import apply_overrides
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -31,7 +31,7 @@ def test_quickstart_set_reaches_the_zskt_config_and_refuses_unknown_fields(tmp_p
     from abd_jax.jobs import zskt_config_from
     from experiments import quickstart
     from experiments.configs.quickstart import get_config
-    from experiments.tables import apply_overrides
+    from experiments.overrides import apply_overrides
 
     cfg = get_config("smoke")
     default = zskt_config_from(cfg.zskt)

@@ -73,8 +73,8 @@ def apply_from_input(
     model: nn.Module, variables: Variables, x: jax.Array, child: str, child_input: jax.Array, **kwargs: Any
 ) -> Any:
     """`model.apply(variables, x, **kwargs)` with `child_input` fed to top-level `child` in place
-    of what the prefix computes from `x` (which is then dead code). Only meaningful for
-    `is_sequential(model)`; `x` is still needed to trace the model."""
+    of what the prefix computes from `x`. The prefix becomes dead code, and so saves work, only
+    where `is_sequential(model)`; `x` is still needed to trace the model."""
 
     def interceptor(next_fun, args, kw, context):
         if _is_child_call(context, child):

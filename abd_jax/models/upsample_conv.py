@@ -1,6 +1,7 @@
 """Nearest-neighbour x2 upsampling followed by a 3x3 convolution, computed without upsampling.
 
-Why: both generators (ZSKT's and CMI's) upsample by 2 and then convolve with a 3x3 kernel, twice.
+Why: the ZSKT generator (and CMI's, which does not use this yet) upsamples by 2 and then
+convolves with a 3x3 kernel, twice.
 After a nearest-neighbour upsampling every 2x2 block of the image repeats one input pixel, so each
 of the four output phases (row parity a, column parity b) is a 2x2 convolution of the *small*
 input with a kernel made by summing rows/columns of the 3x3 kernel:
@@ -17,7 +18,7 @@ benchmarks.upsample_conv`, batch 128, ZSKT generator at 32x32, median of 10, 202
 mode 1,116 -> 690 ms.
 
 The values are those of `conv(upsample(x), w)` up to float rounding (the taps are summed before
-the products: relative differences ~1e-6; tests/test_models.py). The parameters are the same
+the products: relative differences ~1e-6; tests/test_upsample_conv.py). The parameters are the same
 arrays as flax's `nn.Conv` ('kernel' [3, 3, C, O], 'bias' [O]), created in the same order with
 the same initializers, so the param tree, its initial values and converted PyTorch weights are
 unchanged.

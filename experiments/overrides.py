@@ -1,0 +1,41 @@
+"""`--set path.to.field=value` on an ml_collections job config: the command-line override shared by
+the table runner (`experiments.tables`, `experiments.methods`) and the quickstart scripts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def _parse_like(old, raw: str, what: str):
+    """`raw` as a value of `old`'s type (bool, int, float or str)."""
+    if isinstance(old, bool):
+        if raw.lower() not in ("true", "false"):
+            raise ValueError(f"--set {what}={raw}: {what} is a bool; write True or False")
+        return raw.lower() == "true"
+    if isinstance(old, (int, float, str)):
+        try:
+            return type(old)(raw)
+        except ValueError:
+            raise ValueError(f"--set {what}={raw}: not a valid {type(old).__name__} for {what}") from None
+    raise ValueError(f"--set {what}: a {type(old).__name__} field cannot be set from the command line; "
+                     "write a table config instead")
+
+
+def apply_overrides(cfg, overrides: Sequence[str]) -> None:
+    """`--set path.to.field=value` on one line's job config, in place (e.g.
+    `sections.ood.sv_push_cap=uniform`). The value takes the type of the field it replaces; a
+    changed field changes the row keys, so such rows go to their own --workdir."""
+    for item in overrides:
+        path, sep, raw = item.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--set {item!r}: write path.to.field=value, e.g. sections.ood.sv_push_cap=uniform")
+        *parents, field = path.split(".")
+        node = cfg
+        for i, name in enumerate(parents):
+            if name not in node:
+                raise ValueError(f"--set {path}: the job config has no {'.'.join(parents[:i + 1])!r}; "
+                                 f"it has: {', '.join(sorted(node.keys()))}")
+            node = node[name]
+        if field not in node:
+            raise ValueError(f"--set {path}: no field {field!r} there; it has: {', '.join(sorted(node.keys()))}")
+        node[field] = _parse_like(node[field], raw, path)
