@@ -1,11 +1,17 @@
 """Self-Retrospection settings on the quickstart: `python -m experiments.sr_sweep --workdir DIR
-[--seed 0] [--sv] [--variants "portion=0.02" "portion=0.5,rounds=20" ...]`.
+[--seed 0] [--sv] [--reuse-prefix] [--variants "portion=0.02" "portion=0.5,rounds=20" ...]`.
 
 Trains (or reuses, from DIR/teacher) the quickstart's poisoned teacher, runs the quickstart's ZSKT
 (with `--sv` the ZSKT+SV run) up to pseudo-batch N - k once, then resumes it with SR once per
 variant (each a comma-separated list of `ZSKTConfig` SR fields: sr_ prefix optional), and prints
 and appends to DIR/sr_sweep.jsonl the final Acc / ASR / clean target rate of each, beside the
-plain (no-SR) ending. Used to choose the quickstart's SR setting (docs/ABD_SR.md).
+plain (no-SR) ending, with the ASR after every SR pseudo-batch (`asr_curve`: one final number
+hides how much it moves) and how much the trigger SR starts from is the teacher's backdoor
+(`trigger_*_target_rate`). Used to choose the quickstart's SR setting (docs/ABD_SR.md).
+
+`--reuse-prefix` checkpoints the state at pseudo-batch N - k under DIR/sr_sweep_prefix/ and restores
+it on the next call (a later sweep skips the ~6 minutes of prefix); delete that directory after a
+change of code or config, since the checkpoint does not know which made it.
 """
 
 from __future__ import annotations
@@ -18,11 +24,18 @@ from pathlib import Path
 
 import jax
 
+import jax.numpy as jnp
+import numpy as np
+
+from abd_jax.abd.self_retrospection import synthesize_trigger
+from abd_jax.augment import normalize
 from abd_jax.jobs import teacher_and_eval, zskt_config_from
 from abd_jax.kd.common import DFKDHooks
 from abd_jax.kd.loop import run_steps
-from abd_jax.kd.zskt_train import build_zskt, sr_phase
-from abd_jax.pipeline import evaluator
+from abd_jax.kd.zskt import sample_images
+from abd_jax.kd.zskt_train import ZSKTConfig, build_zskt, sr_phase
+from abd_jax.pipeline import EvalSets, evaluator
+from abd_jax.resume import CheckpointPolicy
 from experiments.configs.quickstart import get_config
 
 
@@ -39,6 +52,26 @@ def parse_variant(spec: str) -> dict:
     return out
 
 
+def trigger_target_rates(teacher, tvars, student, s_vars, x_gen: jax.Array, eval_sets: EvalSets, mean, std,
+                         cfg: ZSKTConfig) -> dict[str, float]:
+    """How much of the backdoor the teacher-made SR trigger carries (percent): synthesized as SR's
+    `student_sr_prepare` does, from the generator batch `x_gen`, then added to the evaluation's clean
+    non-target images; the share of them the teacher (and the student) then send to the target.
+    The real trigger sends the teacher's 100% there; clean images about 0-2%."""
+    def teacher_logits(inputs):
+        return teacher.apply(tvars, inputs, train=False)[0]
+
+    delta = synthesize_trigger(teacher_logits, x_gen, rounds=cfg.sr_rounds, lr=cfg.sr_pert_lr, l2=cfg.sr_l2,
+                               temperature=cfg.temperature)
+    x = normalize(jnp.asarray(eval_sets.x_triggered_clean), mean, std) + delta
+    rates = {}
+    for name, model, variables in (("teacher", teacher, tvars), ("student", student, s_vars)):
+        pred = np.asarray(jnp.argmax(model.apply(variables, x, train=False)[0], -1))
+        rates[f"trigger_{name}_target_rate"] = float(100.0 * np.mean(pred == eval_sets.target))
+    rates["trigger_l2_norm"] = float(jnp.linalg.norm(delta))
+    return rates
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", required=True)
@@ -46,8 +79,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--sv", action="store_true", help="resume the ZSKT+SV run instead of vanilla ZSKT")
     ap.add_argument("--sr-pseudo-batches", type=int, default=10)
     ap.add_argument("--variants", nargs="+", default=["portion=0.02"])
+    ap.add_argument("--reuse-prefix", action="store_true",
+                    help="checkpoint the state at pseudo-batch N - k in DIR/sr_sweep_prefix and restore it next time")
+    ap.add_argument("--smoke", action="store_true", help="the quickstart's seconds-long config (1 SR pseudo-batch)")
     args = ap.parse_args(argv)
-    cfg = get_config()
+    cfg = get_config("smoke" if args.smoke else None)
+    if args.smoke:
+        args.sr_pseudo_batches = 1
+        cfg.zskt.sr_rounds, cfg.zskt.sr_fp_iterations = 2, 1
     cfg.seed = args.seed
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -57,22 +96,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ev = evaluator(student, dataset.mean, dataset.std, eval_sets)
     evaluate = lambda s: ev(s.student.variables)  # noqa: E731
     main_steps = zc.pseudo_batches - zc.sr_pseudo_batches
-    state, _ = run_steps(step, state, tvars, num_steps=main_steps, desc="prefix")
+    ckpt = None
+    if args.reuse_prefix:
+        tag = f"{'sv' if args.sv else 'vanilla'}_k{zc.sr_pseudo_batches}"
+        ckpt = CheckpointPolicy(workdir / "sr_sweep_prefix" / tag, resume=True)
+    state, _ = run_steps(step, state, tvars, num_steps=main_steps, desc="prefix", checkpoint=ckpt)
+    x_gen = sample_images(generator, state.generator, jax.random.fold_in(state.key, 10**6), zc.batch_size, zc.z_dim)
     _, plain = run_steps(step, state, tvars, num_steps=zc.pseudo_batches, start_step=main_steps,
-                         evaluate=evaluate, desc="plain")
-    rows = [{"variant": "plain (no SR)", **plain[-1]}]
+                         evaluate=evaluate, eval_every=1, desc="plain")
+    rows = [{"variant": "plain (no SR)", **plain[-1], "asr_curve": [round(h["asr"], 1) for h in plain]}]
     hooks = DFKDHooks()
     if args.sv:
-        from abd_jax.kd.zskt_train import sv_penalty_hook
+        from abd_jax.kd.zskt_train import with_sv_penalty
 
-        hooks = hooks._replace(generator_penalty=sv_penalty_hook(teacher))
+        hooks = with_sv_penalty(hooks, teacher, zc)
     for spec in args.variants:
         vc = dataclasses.replace(zc, **parse_variant(spec))
+        rates = trigger_target_rates(teacher, tvars, student, state.student.variables, x_gen, eval_sets,
+                                     dataset.mean, dataset.std, vc) if vc.sr_trigger_model == "teacher" else {}
         t0 = time.perf_counter()
         sr_state, sr_step = sr_phase(teacher, student, generator, state, vc, hooks)
         _, hist = run_steps(sr_step, sr_state, tvars, num_steps=vc.pseudo_batches, start_step=main_steps,
-                            evaluate=evaluate, desc=f"SR {spec}", jit_step=vc.sr_fuse != "host")
-        rows.append({"variant": spec, **hist[-1], "seconds": round(time.perf_counter() - t0, 1)})
+                            evaluate=evaluate, eval_every=1, desc=f"SR {spec}", jit_step=vc.sr_fuse != "host")
+        rows.append({"variant": spec, **hist[-1], "seconds": round(time.perf_counter() - t0, 1),
+                     "asr_curve": [round(h["asr"], 1) for h in hist], **rates})
     with open(workdir / "sr_sweep.jsonl", "a") as f:
         for r in rows:
             r = {**r, "seed": args.seed, "sv": args.sv, "sr_pseudo_batches": zc.sr_pseudo_batches,
