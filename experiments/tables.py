@@ -120,11 +120,12 @@ def source_row(column: str, abd_parts: dict) -> str:
 
 # Config fields added after rows were stored. At these values a row computes what it did before the
 # field existed, so they stay out of its hash and the stored rows keep matching their commands. At
-# their defaults sv_share_prefix and generator_upsample (2026-11-27, docs/PERFORMANCE.md) compute
-# the same values in another float order, which over a run can change a row's outcome: they enter
-# the hash, so rows made before them are not silently mixed with rows made after.
+# their defaults sv_share_prefix, sv_share_teacher and generator_upsample (2026-11-27/28,
+# docs/PERFORMANCE.md) compute the same values in another float order, which over a run can change
+# a row's outcome: they enter the hash, so rows made before them are not silently mixed with rows
+# made after.
 LATER_FIELDS = {"ood": {"sv_push_cap": "none"}}
-LATER_FIELDS_EVERY_METHOD = {"sv_share_prefix": False, "generator_upsample": "separate"}
+LATER_FIELDS_EVERY_METHOD = {"sv_share_prefix": False, "sv_share_teacher": False, "generator_upsample": "separate"}
 
 
 def _section_for_key(cfg, method: str, uses_sv: bool) -> dict:
@@ -134,6 +135,8 @@ def _section_for_key(cfg, method: str, uses_sv: bool) -> dict:
             section.pop(field)
     if not uses_sv:  # no vaccine in this row: how its copies would run changes nothing
         section.pop("sv_share_prefix", None)
+    if not uses_sv or section.get("method", "zskt") != "zskt":  # only ZSKT's generator step reads it
+        section.pop("sv_share_teacher", None)
     return section
 
 

@@ -53,6 +53,41 @@ def test_sv_zero_coef_equals_vanilla_and_nonzero_moves_generator(setup):
         assert _changed(v.generator.params, s1.generator.params)
 
 
+def test_sv_sharing_the_teachers_prefix_gives_the_same_step(setup):
+    """sv_share_teacher (the default): the generator step's teacher forward and the shuffled copies
+    share one prefix (DFKDHooks.teacher_and_penalty); the step's values are those of the separate
+    teacher forward up to rounding, and giving both penalty hooks is refused."""
+    from abd_jax.kd.zskt import make_pseudo_batch
+
+    ds, teacher, tvars = setup
+    cfg = dataclasses.replace(CFG, sv=True, sv_coef=10.0)
+    runs = {}
+    for share in (True, False):
+        _, _, state, step = build_zskt(teacher, ds, dataclasses.replace(cfg, sv_share_teacher=share), seed=0,
+                                       teacher_vars=tvars)
+        assert state.hook_state.split_at is not None  # something to share on the smoke WRN
+        runs[share] = jax.jit(step)(state, tvars)
+    (shared, m_s), (apart, m_a) = runs[True], runs[False]
+    assert float(m_s["sv_flagged"]) > 0 and float(m_s["sv_loss"]) < 0  # the penalty is active
+    for k in ("loss_g", "sv_loss", "sv_flagged", "loss_s"):
+        np.testing.assert_allclose(m_s[k], m_a[k], rtol=1e-5, atol=1e-6)
+
+    def update(new, old):
+        return jnp.concatenate([(a - b).ravel() for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(old))])
+
+    # Compared as whole updates: Adam's first step divides each gradient by its own size, so a
+    # parameter whose gradient is ~1e-8 (sums that nearly cancel) turns rounding into a visible
+    # share of its step; over the whole update that stays at the rounding level.
+    for part in ("generator", "student"):
+        d_s, d_a = (update(getattr(r, part).params, getattr(state, part).params) for r in (shared, apart))
+        assert float(jnp.linalg.norm(d_a)) > 0
+        assert float(jnp.linalg.norm(d_s - d_a) / jnp.linalg.norm(d_a)) < 1e-2, part
+
+    hooks = DFKDHooks(generator_penalty=lambda *a: (0.0, {}), teacher_and_penalty=lambda *a: None)
+    with pytest.raises(ValueError, match="give generator_penalty alone"):
+        make_pseudo_batch(teacher, teacher, teacher, None, None, batch_size=8, z_dim=4, n_student_steps=1, hooks=hooks)
+
+
 def test_sr_zero_coef_equals_plain_resume_and_nonzero_differs(setup):
     ds, teacher, tvars = setup
     student, generator, state, _ = build_zskt(teacher, ds, CFG, seed=0, teacher_vars=tvars)

@@ -77,25 +77,36 @@ def test_a_later_field_at_its_default_keeps_the_stored_row_keys():
 
 
 def test_fields_that_change_float_order_key_only_the_rows_they_change():
-    """sv_share_prefix and generator_upsample: at their old values a row keeps its stored key (so
-    `--set` reproduces stored rows), at their defaults the rows they change get new keys, and the
-    vaccine switch leaves rows without a vaccine alone."""
+    """sv_share_prefix, sv_share_teacher and generator_upsample: at their old values a row keeps
+    its stored key (so `--set` reproduces stored rows), at their defaults the rows they change get
+    new keys, and the vaccine switches leave rows without a vaccine (or, for sv_share_teacher,
+    methods other than ZSKT) alone."""
     t = tables.load_table(f"{TABLE_DIR / 'methods'}.py:digits")
     cfg = tables.group_job_config(t, "badnets_grid")
+    fields = ("sv_share_prefix", "sv_share_teacher", "generator_upsample")
     old = cfg.copy_and_resolve_references()  # the config as it was before the fields existed
-    for method in ("zskt", "cmi", "ood"):
-        for field in ("sv_share_prefix", "generator_upsample"):
+    for method in cfg.sections:
+        for field in fields:
             if field in old.sections[method]:
                 del old.sections[method][field]
     at_old_values = cfg.copy_and_resolve_references()
-    at_old_values.sections.zskt.generator_upsample = "separate"
-    for method in ("zskt", "cmi", "ood"):
-        at_old_values.sections[method].sv_share_prefix = False
-    for column in ("zskt", "zskt+sv", "zskt+abd", "cmi", "cmi+sv", "ood", "ood+sv"):
+    for method in cfg.sections:
+        for field, value in (("sv_share_prefix", False), ("sv_share_teacher", False), ("generator_upsample", "separate")):
+            if field in at_old_values.sections[method]:
+                at_old_values.sections[method][field] = value
+    columns = [c for m in cfg.sections for c in (m, f"{m}+sv", f"{m}+sr", f"{m}+abd")]
+    for column in columns:
         assert tables.row_key(at_old_values, column, t.abd_parts) == tables.row_key(old, column, t.abd_parts)
     changed = {c for c in ("zskt", "zskt+sr", "zskt+sv", "cmi", "cmi+sr", "cmi+sv", "ood+sv")
                if tables.row_key(cfg, c, t.abd_parts) != tables.row_key(old, c, t.abd_parts)}
     assert changed == {"zskt", "zskt+sr", "zskt+sv", "cmi+sv", "ood+sv"}
+    # sv_share_teacher alone: only ZSKT rows with a vaccine
+    teacher_apart = cfg.copy_and_resolve_references()
+    for method in cfg.sections:
+        if "sv_share_teacher" in teacher_apart.sections[method]:
+            teacher_apart.sections[method].sv_share_teacher = False
+    changed = {c for c in columns if tables.row_key(cfg, c, t.abd_parts) != tables.row_key(teacher_apart, c, t.abd_parts)}
+    assert changed == {"zskt+sv", "zskt+abd"}
 
 
 def test_set_changes_a_field_with_its_type_and_names_the_fix():

@@ -20,6 +20,7 @@ from abd_jax.abd.shuffle_vaccine import (
     make_generator_penalty,
     make_sample_weights,
     make_shuffled_ensemble,
+    make_teacher_and_penalty,
     ood_sample_weights,
     shuffle_conv_inputs,
     shuffled_kernel_paths,
@@ -28,6 +29,7 @@ from abd_jax.abd.shuffle_vaccine import (
     sv_penalty,
     tail_ratio,
     tail_statistics,
+    teacher_and_ensemble,
     verify_vaccine,
 )
 from abd_jax.losses import kl_elementwise
@@ -502,3 +504,70 @@ def test_shared_prefix_needs_equal_prefixes_and_runs_the_prefix_once(teacher, va
     n_per_forward = len(conv_kernel_paths(variables["params"]))  # 15 for WRN-16-1
     assert n_convs(None) == 3 * n_per_forward
     assert n_convs("block3") == n_per_forward + 2 * len(BLOCK3)
+
+
+def test_teacher_shared_prefix_gives_the_teacher_and_the_ensemble(teacher, vaccine):
+    """`teacher_and_ensemble`: the teacher's own output and T~ as two separate forwards give them
+    (bitwise on the loop path: the same operations on the same values), gradients equal up to
+    rounding, and the prefix's convolutions once for the teacher and all copies together."""
+    model, variables, x, _ = teacher
+    sv, _ = vaccine
+
+    def apart(x, sv):
+        return model.apply(variables, x, train=False), ensemble_logits(model, sv.params, sv.batch_stats, x,
+                                                                       vectorize=False, split_at=sv.split_at)
+
+    def shared(x, sv):
+        return teacher_and_ensemble(model, variables, sv, x, vectorize=False)
+
+    (t_a, f_a), e_a = jax.jit(apart)(x, sv)
+    (t_s, f_s), e_s = jax.jit(shared)(x, sv)
+    np.testing.assert_array_equal(t_s, t_a)
+    np.testing.assert_array_equal(e_s, e_a)
+    chex.assert_trees_all_equal(f_s, f_a)
+
+    def loss(form):
+        return lambda x: jnp.sum(jnp.sin(form(x, sv)[0][0]) * jnp.cos(form(x, sv)[1]))
+
+    np.testing.assert_allclose(jax.jit(jax.grad(loss(shared)))(x), jax.jit(jax.grad(loss(apart)))(x),
+                               rtol=1e-4, atol=1e-6)
+
+    def n_convs(form):
+        return jax.jit(form).lower(x, sv).compile().as_text().count("convolution(")
+
+    n_per_forward = len(conv_kernel_paths(variables["params"]))
+    assert n_convs(apart) == 2 * n_per_forward + 2 * len(BLOCK3)  # teacher whole, copy 0 whole
+    assert n_convs(shared) == n_per_forward + 3 * len(BLOCK3)  # one prefix, four block3s
+
+    # Without a split (share_prefix=False) it is the two separate forwards.
+    whole_sv = sv.replace(split_at=None)
+    (t_w, _), e_w = teacher_and_ensemble(model, variables, whole_sv, x, vectorize=False)
+    np.testing.assert_allclose(t_w, t_a, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(e_w, e_a, rtol=1e-6, atol=1e-6)
+
+
+def test_teacher_and_penalty_is_the_teacher_forward_plus_the_penalty(teacher, vaccine):
+    model, variables, x, _ = teacher
+    sv, _ = vaccine
+    key = jax.random.key(0)
+    pen = make_generator_penalty(model, skip_when_off=False)
+    joint = make_teacher_and_penalty(model)
+
+    def apart(x, sv):
+        t_logits, _ = model.apply(variables, x, train=False)
+        loss, metrics = pen(t_logits, x, key, sv)
+        return t_logits, loss, metrics
+
+    for coef in (0.1, 0.0):
+        s = sv.replace(coef=jnp.float32(coef))
+        t_a, l_a, m_a = jax.jit(apart)(x, s)
+        (t_j, _), l_j, m_j = jax.jit(joint)(variables, x, key, s)
+        np.testing.assert_array_equal(t_j, t_a)
+        np.testing.assert_allclose(l_j, l_a, rtol=1e-6)
+        assert set(m_j) == set(m_a)
+        for k in m_a:
+            np.testing.assert_allclose(m_j[k], m_a[k], rtol=1e-6)
+    g_a = jax.grad(lambda x: apart(x, sv)[1])(x)
+    g_j = jax.grad(lambda x: joint(variables, x, key, sv)[1])(x)
+    assert float(jnp.max(jnp.abs(g_a))) > 0
+    np.testing.assert_allclose(g_j, g_a, rtol=1e-4, atol=1e-7)

@@ -7,8 +7,9 @@ The pieces, bottom up:
   leading axis and evaluated with `jax.vmap`, mean of logits (spec 3.1 "Ensemble").
 - `suspicion`, `sv_penalty`, `ood_sample_weights`: the mask, the generator penalty and the OOD-KD
   re-weighting as masked means with static shapes (spec 3.2, 3.3).
-- `ShuffleVaccine`: the SV state (data only), and `make_generator_penalty` / `make_sample_weights`,
-  the DFKDHooks-shaped callables that read it (spec 3.3).
+- `ShuffleVaccine`: the SV state (data only), and `make_generator_penalty` /
+  `make_teacher_and_penalty` / `make_sample_weights`, the DFKDHooks-shaped callables that read it
+  (spec 3.3).
 - `tail_ratio`, `verify_vaccine`: the host-side vaccine verification (spec 3.4).
 - `suspicion_report`: per-sample numpy arrays for saving.
 
@@ -145,7 +146,7 @@ def shared_prefix_child(params: Mapping[str, Any], n_layers: int) -> str | None:
 
 def ensemble_logits(
     model: nn.Module, stacked_params: PyTree, batch_stats: PyTree, x: jax.Array,
-    vectorize: bool | None = None, split_at: str | None = None,
+    vectorize: bool | None = None, split_at: str | None = None, prefix_activation: jax.Array | None = None,
 ) -> jax.Array:
     """T~(x): the mean of the shuffled copies' logits (spec 3.1, `EnsembleNet`).
 
@@ -165,8 +166,11 @@ def ensemble_logits(
         the other copies start from its activation; the logits are those of whole forwards (the
         same operations on the same values). Needs copies whose unshuffled leaves are equal, as
         `make_shuffled_ensemble` and `reshuffle_ensemble` make them.
+      prefix_activation: with `split_at`, the activation entering `split_at` computed elsewhere
+        (the teacher's own forward, `teacher_and_ensemble`): every copy then starts from it and
+        none runs the prefix. Needs the copies' unshuffled leaves equal to that model's.
     Returns:
-      [B, num_classes] mean logits. Differentiable in x.
+      [B, num_classes] mean logits. Differentiable in x (and in `prefix_activation`).
     """
 
     def variables(p: PyTree) -> dict[str, PyTree]:
@@ -179,18 +183,23 @@ def ensemble_logits(
         vectorize = jax.default_backend() != "cpu"
     n = jax.tree.leaves(stacked_params)[0].shape[0]
     copy = lambda i: jax.tree.map(lambda leaf: leaf[i], stacked_params)  # noqa: E731
-    if split_at is not None and n > 1 and is_sequential(model):
-        out0, h = apply_capturing_input(model, variables(copy(0)), x, split_at, train=False)
+    if split_at is not None and is_sequential(model) and (n > 1 or prefix_activation is not None):
+        if prefix_activation is None:  # the first copy runs the prefix, the others start from it
+            out0, h = apply_capturing_input(model, variables(copy(0)), x, split_at, train=False)
+            head, first = [_logits(out0)], 1
+        else:
+            h, head, first = prefix_activation, [], 0
 
         def tail(p: PyTree) -> jax.Array:
             return _logits(apply_from_input(model, variables(p), x, split_at, h, train=False))
 
         if vectorize:
-            rest = jax.vmap(tail)(jax.tree.map(lambda leaf: leaf[1:], stacked_params))
-            return jnp.mean(jnp.concatenate([_logits(out0)[None], rest]), axis=0)
-        total = _logits(out0)
-        for i in range(1, n):
-            total = total + tail(copy(i))
+            rest = jax.vmap(tail)(jax.tree.map(lambda leaf: leaf[first:], stacked_params))
+            return jnp.mean(jnp.concatenate([*(t[None] for t in head), rest]), axis=0)
+        terms = head + [tail(copy(i)) for i in range(first, n)]
+        total = terms[0]
+        for t in terms[1:]:  # left to right, as the loop over whole copies below sums them
+            total = total + t
         return total / n
     if vectorize:
         return jnp.mean(jax.vmap(one)(stacked_params), axis=0)
@@ -198,6 +207,23 @@ def ensemble_logits(
     # makes a grouped convolution, which XLA:CPU ran far slower (the ZSKT+SV pseudo-batch: 2.4 s
     # with vmap, 1.6 s with the loop, vanilla 1.2 s; docs/ABD_SV.md). Same values.
     return sum(one(copy(i)) for i in range(n)) / n
+
+
+def teacher_and_ensemble(
+    model: nn.Module, teacher_variables: Mapping[str, Any], sv: ShuffleVaccine, x: jax.Array,
+    vectorize: bool | None = None,
+) -> tuple[Any, jax.Array]:
+    """(the teacher's output `model.apply(teacher_variables, x)`, T~(x)) with the unshuffled prefix
+    run once, in the teacher's own forward, when `sv.split_at` allows it: the copies then start
+    from the teacher's activation (the prefix's leaves are the teacher's, since the copies are
+    made from it). That saves one prefix forward (and its backward) over `ensemble_logits` after
+    a separate teacher forward; the values are the same and gradients are summed in another order.
+    Without `split_at` (or a chain of children) this is the two separate forwards."""
+    if sv.split_at is not None and is_sequential(model):
+        out, h = apply_capturing_input(model, teacher_variables, x, sv.split_at, train=False)
+        return out, ensemble_logits(model, sv.params, sv.batch_stats, x, vectorize, sv.split_at, prefix_activation=h)
+    out = model.apply(teacher_variables, x, train=False)
+    return out, ensemble_logits(model, sv.params, sv.batch_stats, x, vectorize, sv.split_at)
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,11 +416,7 @@ def make_generator_penalty(
       skip_when_off: with coef == 0 skip the ensemble forwards via `lax.cond` (the reference
         returns 0 early); the value is the same either way.
     """
-    zero_metrics = {
-        "sv_loss": jnp.zeros((), jnp.float32),
-        "sv_flagged": jnp.zeros((), jnp.float32),
-        "sv_kl": jnp.zeros((), jnp.float32),
-    }
+    zero_metrics = {k: jnp.zeros((), jnp.float32) for k in _PENALTY_METRICS}
 
     def penalty(
         teacher_logits: jax.Array,
@@ -409,12 +431,7 @@ def make_generator_penalty(
         def on(operands):
             t_logits, x_in = operands
             sh = ensemble_logits(model, s.params, s.batch_stats, x_in, split_at=s.split_at)
-            if not shuffled_grad:
-                sh = jax.lax.stop_gradient(sh)
-            loss, metrics = sv_penalty(t_logits, sh, coef)
-            return loss.astype(jnp.float32), {
-                k: metrics[k].astype(jnp.float32) for k in zero_metrics
-            }
+            return _penalty_from(t_logits, sh, coef, shuffled_grad)
 
         def off(operands):
             return jnp.zeros((), jnp.float32), dict(zero_metrics)
@@ -427,6 +444,50 @@ def make_generator_penalty(
         return loss, {**metrics, "sv_coef": coef}
 
     return penalty
+
+
+_PENALTY_METRICS = ("sv_loss", "sv_flagged", "sv_kl")
+
+
+def _penalty_from(teacher_logits: jax.Array, shuffled_logits: jax.Array, coef: jax.Array,
+                  shuffled_grad: bool) -> tuple[jax.Array, Metrics]:
+    """`sv_penalty` in float32 with the metrics the hooks report."""
+    if not shuffled_grad:
+        shuffled_logits = jax.lax.stop_gradient(shuffled_logits)
+    loss, metrics = sv_penalty(teacher_logits, shuffled_logits, coef)
+    return loss.astype(jnp.float32), {k: metrics[k].astype(jnp.float32) for k in _PENALTY_METRICS}
+
+
+def make_teacher_and_penalty(
+    model: nn.Module,
+    sv: ShuffleVaccine | None = None,
+    *,
+    shuffled_grad: bool = True,
+) -> Callable[..., tuple[Any, jax.Array, Metrics]]:
+    """The teacher's forward and the SV generator penalty together, with the
+    DFKDHooks.teacher_and_penalty signature: `fn(teacher_variables, x, key, sv=None) ->
+    (teacher output (logits, features), penalty, metrics)`.
+
+    The same values as a teacher forward followed by `make_generator_penalty(model, sv,
+    skip_when_off=False)`, but the copies start from the teacher's own prefix activation
+    (`teacher_and_ensemble`), so the unshuffled prefix runs once in the generator step instead of
+    twice (forward and backward). With coef == 0 the penalty is computed and multiplied by 0.
+    """
+
+    def teacher_and_penalty(
+        teacher_variables: Mapping[str, Any],
+        x: jax.Array,
+        key: jax.Array | None = None,
+        sv_state: ShuffleVaccine | None = None,
+    ) -> tuple[Any, jax.Array, Metrics]:
+        del key
+        s = _resolve(sv, sv_state)
+        coef = jnp.asarray(s.coef, jnp.float32)
+        out, sh = teacher_and_ensemble(model, teacher_variables, s, x)
+        loss, metrics = _penalty_from(_logits(out), sh, coef, shuffled_grad)
+        return out, loss, {**metrics, "sv_coef": coef}
+
+    return teacher_and_penalty
 
 
 def make_sample_weights(

@@ -22,6 +22,11 @@ Metrics = dict[str, jax.Array]
 # (teacher_logits [B,C], x [B,H,W,C] normalized, key[, hook_state]) -> (scalar added to the
 # generator loss, metrics)
 GeneratorPenalty = Callable[..., tuple[jax.Array, Metrics]]
+# (teacher_variables, x [B,H,W,C] normalized, key[, hook_state]) -> (teacher output (logits,
+# features), scalar added to the generator loss, metrics): a GeneratorPenalty that runs the teacher
+# itself, so that it can share the teacher's work (the vaccine's copies start from the teacher's
+# own prefix activation).
+TeacherAndPenalty = Callable[..., tuple[Any, jax.Array, Metrics]]
 # (teacher_logits [B,C], x[, hook_state]) -> [B] signed per-sample weights for the KD loss (OOD-KD)
 SampleWeights = Callable[..., jax.Array]
 # (student_variables, teacher_variables, x, key, prepared) -> gradient pytree like the student's
@@ -38,6 +43,10 @@ class DFKDHooks(NamedTuple):
     """The only extension points a data-free KD method calls. All default to "absent".
 
     generator_penalty: added to the generator / inversion loss (Shuffling Vaccine, spec 3.3).
+    teacher_and_penalty: the same penalty in a form that also runs the teacher on the generator's
+      images and returns its output, so the two can share work. A method whose generator loss
+      needs only the teacher's plain output (ZSKT) calls it in place of its teacher forward and
+      `generator_penalty`; give one of the two, not both.
     sample_weights: per-sample weights of the KD loss (Shuffling Vaccine in OOD-KD, spec 3.3).
     student_sr: an extra gradient for each student step (Self-Retrospection, spec 4.1); the method
       hands it to the student optimizer as `sr_grads` (or, to skip the work while SR is off, as
@@ -57,6 +66,7 @@ class DFKDHooks(NamedTuple):
     sample_weights: SampleWeights | None = None
     student_sr: StudentExtraGrads | None = None
     student_sr_prepare: StudentSRPrepare | None = None
+    teacher_and_penalty: TeacherAndPenalty | None = None  # last: positional construction unchanged
 
 
 def with_hook_state(hook_state: Any) -> tuple[Any, ...]:

@@ -89,6 +89,10 @@ def make_pseudo_batch(
         raise ValueError(f"fuse must be 'unroll', 'scan' or 'host', got {fuse!r}")
     if fuse == "host" and recompute:
         raise ValueError("recompute=True needs fuse='unroll'")
+    if hooks.teacher_and_penalty is not None and (hooks.generator_penalty is not None
+                                                  or generator_objective is not None):
+        raise ValueError("hooks.teacher_and_penalty replaces ZSKT's teacher forward and generator_penalty: "
+                         "give generator_penalty alone, not both, and not with a generator_objective")
 
     def teacher_out(teacher_vars: PyTree, x: jax.Array):
         return teacher.apply(teacher_vars, x, train=False)
@@ -110,13 +114,19 @@ def make_pseudo_batch(
         def loss_fn(g_params):
             g_state = state.generator.replace(params=g_params)
             x, g_stats = forward(generator, g_state, z, train=True)
+            metrics: Metrics = {}
+            if hooks.teacher_and_penalty is not None:  # the teacher's forward shared with the penalty
+                (t_logits, _), penalty, metrics = hooks.teacher_and_penalty(
+                    teacher_vars, x, key, *with_hook_state(state.hook_state))
             if generator_objective is None:  # ZSKT (spec 6.1): maximize KL_tau(T||S)
-                t_logits, _ = teacher_out(teacher_vars, x)
+                if hooks.teacher_and_penalty is None:
+                    t_logits, _ = teacher_out(teacher_vars, x)
                 (s_logits, _), s_stats = forward(student, state.student, x, train=True)
                 loss = -jnp.mean(kl_elementwise(t_logits, s_logits, temperature))
-                metrics: Metrics = {}
             else:
                 loss, t_logits, s_stats, metrics = other_generator_loss(state, teacher_vars, x)
+            if hooks.teacher_and_penalty is not None:
+                loss = loss + penalty
             if hooks.generator_penalty is not None:
                 penalty, pen_metrics = hooks.generator_penalty(t_logits, x, key, *with_hook_state(state.hook_state))
                 loss, metrics = loss + penalty, {**metrics, **pen_metrics}

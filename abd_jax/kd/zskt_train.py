@@ -29,6 +29,7 @@ from abd_jax.abd.shuffle_vaccine import (
     init_shuffle_vaccine,
     make_divergence_fn,
     make_generator_penalty,
+    make_teacher_and_penalty,
     suspicion_reports,
     verify_vaccine,
 )
@@ -87,6 +88,10 @@ class ZSKTConfig(ABDOptions):
     # (models/upsample_conv.py, same values up to rounding, ~2.5x less work); "separate": upsample
     # then convolve, as before 2026-11-27 (bitwise reproduction of earlier runs).
     generator_upsample: str = "fused"
+    # With SV (and sv_share_prefix), ZSKT's generator step runs the teacher's forward and the
+    # shuffled copies from one unshuffled prefix (`DFKDHooks.teacher_and_penalty`); False runs the
+    # teacher's forward separately, as before 2026-11-28 (bitwise reproduction of earlier runs).
+    sv_share_teacher: bool = True
     fuse: str = "unroll"
     scan_unroll: int = 1
     eval_every: int = 0  # 0: ten evaluations per run
@@ -140,14 +145,25 @@ def per_pseudo_batch(schedule: optax.Schedule, updates_per_pb: int) -> optax.Sch
     return lambda count: schedule(count // updates_per_pb)
 
 
-def sv_hooks(teacher, teacher_vars: PyTree, cfg: ZSKTConfig, key: jax.Array):
-    """(generator_penalty hook, initial vaccine state), or (None, None) without SV."""
+def sv_hooks(teacher, teacher_vars: PyTree, cfg: ZSKTConfig, key: jax.Array, hooks: DFKDHooks):
+    """(hooks with the vaccine's penalty, initial vaccine state), or (hooks, None) without SV."""
     if not cfg.sv:
-        return None, None
+        return hooks, None
     state = init_shuffle_vaccine(key, teacher_vars, coef=cfg.sv_coef, n_copies=cfg.sv_copies,
                                  n_layers=cfg.sv_layers, verify=cfg.sv_verify_after > 0,
                                  share_prefix=cfg.sv_share_prefix)
-    return sv_penalty_hook(teacher), state
+    return with_sv_penalty(hooks, teacher, cfg), state
+
+
+def with_sv_penalty(hooks: DFKDHooks, teacher, cfg: ZSKTConfig) -> DFKDHooks:
+    """`hooks` with the vaccine's generator penalty. For ZSKT with `sv_share_teacher` the penalty
+    comes as `teacher_and_penalty`: the generator step's teacher forward and the shuffled copies
+    then share the unshuffled prefix (same values, gradients summed in another order; ~0.3 s of a
+    ZSKT+SV pseudo-batch on the 2-core CPU, docs/PERFORMANCE.md). DFAD / DAFL objectives read the
+    teacher their own way and take the plain penalty."""
+    if cfg.sv_share_teacher and cfg.method == "zskt":
+        return hooks._replace(teacher_and_penalty=make_teacher_and_penalty(teacher))
+    return hooks._replace(generator_penalty=sv_penalty_hook(teacher))
 
 
 def sv_penalty_hook(teacher):
@@ -232,9 +248,7 @@ def build_zskt(teacher, dataset: Dataset, cfg: ZSKTConfig, seed: int, hooks: DFK
     s_vars = init_model(student, k_s, dataset.image_shape)
     g_vars = generator.init(k_g, jnp.zeros((2, cfg.z_dim)), train=False)
 
-    penalty, sv_state = sv_hooks(teacher, teacher_vars, cfg, jax.random.fold_in(k_run, 3))
-    if penalty is not None:
-        hooks = hooks._replace(generator_penalty=penalty)
+    hooks, sv_state = sv_hooks(teacher, teacher_vars, cfg, jax.random.fold_in(k_run, 3), hooks)
     s_tx = _student_tx(cfg)
     g_tx = _generator_tx(cfg)
     state = ZSKTState(
@@ -452,7 +466,7 @@ def _finish_branches(run: _RunContext, step, state: ZSKTState, history: list[dic
             end_state, end_history = run_steps(step, state, tv, num_steps=cfg.pseudo_batches, start_step=main_steps,
                                                **run.run_kwargs())
         elif ending == "sr" and main_steps < cfg.pseudo_batches:
-            sr_hooks = run.hooks._replace(generator_penalty=sv_penalty_hook(teacher)) if cfg.sv else run.hooks
+            sr_hooks = with_sv_penalty(run.hooks, teacher, cfg) if cfg.sv else run.hooks
             end_state, sr_step = sr_phase(teacher, run.student, run.generator, state, cfg, sr_hooks)
             end_state, end_history = run_steps(
                 sr_step, end_state, tv, num_steps=cfg.pseudo_batches, start_step=main_steps,

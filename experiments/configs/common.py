@@ -71,6 +71,7 @@ def zskt_config(pseudo_batches: int = 300) -> ml_collections.ConfigDict:
     c.sv_verify_after = 0  # spec 3.4 verification after P warm-up pseudo-batches; 0 = off (released)
     c.sv_verify_threshold = 0.02  # the tail ratio a shuffle must exceed
     c.sv_share_prefix = True  # False: every shuffled copy run whole, as before 2026-11-27
+    c.sv_share_teacher = True  # False: the generator step's teacher forward separate, as before 2026-11-28
     c.sr_pseudo_batches = 0
     c.sr_coef = 1.0
     c.sr_resume_lr = 5e-4
