@@ -21,6 +21,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 
@@ -62,7 +63,7 @@ def trigger_target_rates(teacher, tvars, student, s_vars, x_gen: jax.Array, eval
         return teacher.apply(tvars, inputs, train=False)[0]
 
     delta = synthesize_trigger(teacher_logits, x_gen, rounds=cfg.sr_rounds, lr=cfg.sr_pert_lr, l2=cfg.sr_l2,
-                               temperature=cfg.temperature)
+                               temperature=cfg.temperature, init_scale=cfg.sr_init_scale)
     x = normalize(jnp.asarray(eval_sets.x_triggered_clean), mean, std) + delta
     rates = {}
     for name, model, variables in (("teacher", teacher, tvars), ("student", student, s_vars)):
@@ -70,6 +71,32 @@ def trigger_target_rates(teacher, tvars, student, s_vars, x_gen: jax.Array, eval
         rates[f"trigger_{name}_target_rate"] = float(100.0 * np.mean(pred == eval_sets.target))
     rates["trigger_l2_norm"] = float(jnp.linalg.norm(delta))
     return rates
+
+
+def resume_point(workdir: str | Path, seed: int, *, sv: bool = False, sr_pseudo_batches: int = 10,
+                 smoke: bool = False, reuse_prefix: bool = False) -> SimpleNamespace:
+    """The quickstart's teacher (trained or reused from DIR/teacher) and its ZSKT run (with `sv` the
+    ZSKT+SV run) at pseudo-batch N - k, where an SR phase of k pseudo-batches would resume it; with
+    `reuse_prefix` checkpointed in / restored from DIR/sr_sweep_prefix. Returns a namespace with
+    dataset, eval_sets, teacher, tvars, zc (the ZSKTConfig), student, generator, state, step, workdir."""
+    cfg = get_config("smoke" if smoke else None)
+    if smoke:
+        sr_pseudo_batches = 1
+        cfg.zskt.sr_rounds, cfg.zskt.sr_fp_iterations = 2, 1
+    cfg.seed = seed
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    dataset, eval_sets, teacher, tvars, _ = teacher_and_eval(cfg, workdir)
+    zc = dataclasses.replace(zskt_config_from(cfg.zskt), sv=sv, sr_pseudo_batches=sr_pseudo_batches)
+    student, generator, state, step = build_zskt(teacher, dataset, zc, seed, DFKDHooks(), tvars)
+    ckpt = None
+    if reuse_prefix:
+        tag = f"{'sv' if sv else 'vanilla'}_k{zc.sr_pseudo_batches}"
+        ckpt = CheckpointPolicy(workdir / "sr_sweep_prefix" / tag, resume=True)
+    state, _ = run_steps(step, state, tvars, num_steps=zc.pseudo_batches - zc.sr_pseudo_batches, desc="prefix",
+                         checkpoint=ckpt)
+    return SimpleNamespace(dataset=dataset, eval_sets=eval_sets, teacher=teacher, tvars=tvars, zc=zc,
+                           student=student, generator=generator, state=state, step=step, workdir=workdir)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -83,24 +110,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="checkpoint the state at pseudo-batch N - k in DIR/sr_sweep_prefix and restore it next time")
     ap.add_argument("--smoke", action="store_true", help="the quickstart's seconds-long config (1 SR pseudo-batch)")
     args = ap.parse_args(argv)
-    cfg = get_config("smoke" if args.smoke else None)
-    if args.smoke:
-        args.sr_pseudo_batches = 1
-        cfg.zskt.sr_rounds, cfg.zskt.sr_fp_iterations = 2, 1
-    cfg.seed = args.seed
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    dataset, eval_sets, teacher, tvars, _ = teacher_and_eval(cfg, workdir)
-    zc = dataclasses.replace(zskt_config_from(cfg.zskt), sv=args.sv, sr_pseudo_batches=args.sr_pseudo_batches)
-    student, generator, state, step = build_zskt(teacher, dataset, zc, args.seed, DFKDHooks(), tvars)
+    r = resume_point(args.workdir, args.seed, sv=args.sv, sr_pseudo_batches=args.sr_pseudo_batches,
+                     smoke=args.smoke, reuse_prefix=args.reuse_prefix)
+    dataset, eval_sets, teacher, tvars, zc = r.dataset, r.eval_sets, r.teacher, r.tvars, r.zc
+    student, generator, state, step, workdir = r.student, r.generator, r.state, r.step, r.workdir
     ev = evaluator(student, dataset.mean, dataset.std, eval_sets)
     evaluate = lambda s: ev(s.student.variables)  # noqa: E731
     main_steps = zc.pseudo_batches - zc.sr_pseudo_batches
-    ckpt = None
-    if args.reuse_prefix:
-        tag = f"{'sv' if args.sv else 'vanilla'}_k{zc.sr_pseudo_batches}"
-        ckpt = CheckpointPolicy(workdir / "sr_sweep_prefix" / tag, resume=True)
-    state, _ = run_steps(step, state, tvars, num_steps=main_steps, desc="prefix", checkpoint=ckpt)
     x_gen = sample_images(generator, state.generator, jax.random.fold_in(state.key, 10**6), zc.batch_size, zc.z_dim)
     _, plain = run_steps(step, state, tvars, num_steps=zc.pseudo_batches, start_step=main_steps,
                          evaluate=evaluate, eval_every=1, desc="plain")
@@ -121,11 +137,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append({"variant": spec, **hist[-1], "seconds": round(time.perf_counter() - t0, 1),
                      "asr_curve": [round(h["asr"], 1) for h in hist], **rates})
     with open(workdir / "sr_sweep.jsonl", "a") as f:
-        for r in rows:
-            r = {**r, "seed": args.seed, "sv": args.sv, "sr_pseudo_batches": zc.sr_pseudo_batches,
-                 "device": jax.devices()[0].device_kind}
-            f.write(json.dumps(r) + "\n")
-            print(f"{r['variant']:40s} acc {r['acc']:5.1f}  asr {r['asr']:5.1f}  ctr {r['clean_target_rate']:5.1f}")
+        for row in rows:
+            row = {**row, "seed": args.seed, "sv": args.sv, "sr_pseudo_batches": zc.sr_pseudo_batches,
+                   "device": jax.devices()[0].device_kind}
+            f.write(json.dumps(row) + "\n")
+            print(f"{row['variant']:40s} acc {row['acc']:5.1f}  asr {row['asr']:5.1f}  ctr {row['clean_target_rate']:5.1f}")
     return rows
 
 

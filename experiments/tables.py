@@ -125,7 +125,8 @@ def source_row(column: str, abd_parts: dict) -> str:
 # a row's outcome: they enter the hash, so rows made before them are not silently mixed with rows
 # made after.
 LATER_FIELDS = {"ood": {"sv_push_cap": "none"}}
-LATER_FIELDS_EVERY_METHOD = {"sv_share_prefix": False, "sv_share_teacher": False, "generator_upsample": "separate"}
+LATER_FIELDS_EVERY_METHOD = {"sv_share_prefix": False, "sv_share_teacher": False, "generator_upsample": "separate",
+                             "sr_init_scale": 0.0}
 
 
 def _section_for_key(cfg, method: str, uses_sv: bool) -> dict:

@@ -88,6 +88,20 @@ def test_sv_sharing_the_teachers_prefix_gives_the_same_step(setup):
         make_pseudo_batch(teacher, teacher, teacher, None, None, batch_size=8, z_dim=4, n_student_steps=1, hooks=hooks)
 
 
+def test_sr_init_scale_reaches_the_trigger_search(setup):
+    """ZSKTConfig.sr_init_scale is where the teacher-made trigger starts (0: the spec's zero)."""
+    from abd_jax.kd.zskt_train import sr_hook
+
+    ds, teacher, tvars = setup
+    x = jax.random.normal(jax.random.key(0), (4, *ds.image_shape))
+    starts = {}
+    for scale in (0.0, 1e-3):
+        _, prepare = sr_hook(teacher, teacher, dataclasses.replace(CFG, sr_init_scale=scale, sr_rounds=0))
+        starts[scale] = prepare(tvars, x)
+    assert float(jnp.max(jnp.abs(starts[0.0]))) == 0.0
+    assert 0.0 < float(jnp.std(starts[1e-3])) < 2e-3
+
+
 def test_sr_zero_coef_equals_plain_resume_and_nonzero_differs(setup):
     ds, teacher, tvars = setup
     student, generator, state, _ = build_zskt(teacher, ds, CFG, seed=0, teacher_vars=tvars)

@@ -77,6 +77,33 @@ def test_trigger_increases_kl_and_is_deterministic(net):
     assert float(jnp.max(jnp.abs(synthesize_trigger(m, x, rounds=0)))) == 0.0
 
 
+def test_trigger_search_from_zero_starts_on_rounding_noise_and_a_random_start_does_not(net):
+    """At delta = 0 the KL is at its minimum: its gradient is zero up to rounding, so the spec's zero
+    start hands Adam noise. `init_scale` starts from a seeded random delta instead: deterministic
+    for a key, different across keys, and rounds = 0 returns the start itself."""
+    model, variables, x = net
+
+    def m(xx):
+        return 20.0 * model.apply(variables, xx, train=False)[0]
+
+    clean = jax.lax.stop_gradient(m(x))
+    g0 = jax.grad(lambda d: kl_divergence(clean, m(x + d)))(jnp.zeros((1, HW, HW, C)))
+    g1 = jax.grad(lambda d: kl_divergence(clean, m(x + d)))(1e-2 * jax.random.normal(jax.random.key(0), (1, HW, HW, C)))
+    assert float(jnp.max(jnp.abs(g0))) < 1e-4 * float(jnp.max(jnp.abs(g1)))
+
+    synth = jax.jit(functools.partial(synthesize_trigger, m, rounds=5, lr=0.1, l2=1e-3, init_scale=1e-3))
+    a, b = synth(x, init_key=jax.random.key(1)), synth(x, init_key=jax.random.key(1))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, synth(x, init_key=jax.random.key(2)))
+    assert float(kl_divergence(clean, m(x + a))) > 0.0
+    start = synthesize_trigger(m, x, rounds=0, init_scale=1e-3, init_key=jax.random.key(1))
+    np.testing.assert_allclose(start, 1e-3 * jax.random.normal(jax.random.key(1), (1, HW, HW, C)), rtol=1e-6)
+    # The default (no key) is a fixed start; init_scale = 0 is the spec's zero start.
+    np.testing.assert_array_equal(synthesize_trigger(m, x, rounds=0, init_scale=1e-3),
+                                  synthesize_trigger(m, x, rounds=0, init_scale=1e-3, init_key=jax.random.key(0)))
+    assert float(jnp.max(jnp.abs(synthesize_trigger(m, x, rounds=0, init_scale=0.0)))) == 0.0
+
+
 def test_perturb_subset_touches_exactly_k_samples():
     x = jnp.asarray(np.random.default_rng(3).normal(size=(16, 4, 4, 3)), jnp.float32)
     delta = jnp.ones((1, 4, 4, 3))

@@ -28,7 +28,9 @@ class ABDOptions:
       `sr_trigger_model` ("teacher": the released sweeps; "student": the poster's story), applied
       to a `sr_portion` of each batch, and unlearned through the implicit hypergradient with
       `sr_fp_iterations` fixed-point iterations and inner L2 `sr_l2` (spec 4.1); `sr_coef` scales
-      the SR gradient added to the KD gradient.
+      the SR gradient added to the KD gradient. `sr_init_scale` > 0 starts the trigger search at
+      a small random perturbation instead of the spec's zero, where the search's first step is
+      set by rounding noise (`self_retrospection.synthesize_trigger`, docs/ABD_SR.md).
     """
 
     sv: bool = False
@@ -46,3 +48,4 @@ class ABDOptions:
     sr_portion: float = 0.02
     sr_fp_iterations: int = 5
     sr_trigger_model: str = "teacher"
+    sr_init_scale: float = 0.0
