@@ -63,7 +63,7 @@ def trigger_target_rates(teacher, tvars, student, s_vars, x_gen: jax.Array, eval
         return teacher.apply(tvars, inputs, train=False)[0]
 
     delta = synthesize_trigger(teacher_logits, x_gen, rounds=cfg.sr_rounds, lr=cfg.sr_pert_lr, l2=cfg.sr_l2,
-                               temperature=cfg.temperature, init_scale=cfg.sr_init_scale)
+                               temperature=cfg.temperature, init_scale=cfg.sr_init_scale, restarts=cfg.sr_restarts)
     x = normalize(jnp.asarray(eval_sets.x_triggered_clean), mean, std) + delta
     rates = {}
     for name, model, variables in (("teacher", teacher, tvars), ("student", student, s_vars)):

@@ -1,11 +1,13 @@
 """What Self-Retrospection's trigger synthesis finds on the quickstart: `python -m
-experiments.sr_trigger_probe --workdir DIR [--seed 0] [--rounds 10 30] [--batches 3] [--reuse-prefix]`.
+experiments.sr_trigger_probe --workdir DIR [--seed 0] [--rounds 10 30] [--batches 3] [--starts 3]
+[--init-scale 1e-3] [--reuse-prefix]`.
 
 SR unlearns the universal perturbation delta that moves the model most on a synthetic batch (spec
 4.1.1: from zero, Adam at lr 0.1 for R rounds on -KL(M(x) || M(x + delta)) + 1e-3 ||delta||^2, M the
 teacher). It helps against a backdoor only if that delta is the backdoor's trigger, or close to it.
 This probe takes the state an SR phase would resume (experiments.sr_sweep's `resume_point`),
-draws generator batches, synthesizes delta on each as the quickstart's SR does, and reports:
+draws generator batches, synthesizes delta on each as the quickstart's SR does (from the spec's
+zero start, and from `--starts` random starts at `--init-scale`), and reports:
 
 - the teacher's class histogram on the batch, on batch + delta, and on the clean non-target test
   images + delta (a trigger-like delta sends the last to the target class);
@@ -50,23 +52,26 @@ def histogram(logits: jax.Array, num_classes: int) -> list[int]:
 
 def probe_batch(teacher_logits, x: jax.Array, x_clean: jax.Array, target: int, num_classes: int,
                 rounds: list[int], *, lr: float, l2: float, temperature: float,
-                x_triggered: jax.Array | None) -> dict:
-    """One generator batch: the teacher's classes on it, and per R what delta_R does (see module doc)."""
+                x_triggered: jax.Array | None, init_scale: float, starts: int) -> dict:
+    """One generator batch: the teacher's classes on it, and per R and start (the spec's zero start,
+    then `starts` random starts at `init_scale`, keys 1..starts) what delta does (see module doc)."""
     clean = teacher_logits(x)
     out = {"batch_hist": histogram(clean, num_classes)}
     if x_triggered is not None:
         out["real_trigger_kl"] = float(kl_divergence(clean, teacher_logits(x_triggered), temperature))
         out["real_trigger_batch_target_share"] = float(jnp.mean(jnp.argmax(teacher_logits(x_triggered), -1) == target))
     for r in rounds:
-        delta = synthesize_trigger(teacher_logits, x, rounds=r, lr=lr, l2=l2, temperature=temperature)
-        on_clean = teacher_logits(x_clean + delta)
-        out[f"R{r}"] = {
-            "kl": float(kl_divergence(clean, teacher_logits(x + delta), temperature)),
-            "l2_norm": float(jnp.linalg.norm(delta)),
-            "batch_plus_delta_hist": histogram(teacher_logits(x + delta), num_classes),
-            "clean_plus_delta_hist": histogram(on_clean, num_classes),
-            "clean_plus_delta_target_rate": float(100.0 * jnp.mean(jnp.argmax(on_clean, -1) == target)),
-        }
+        for start in range(starts + 1):
+            kw = dict(init_scale=init_scale, init_key=jax.random.key(start)) if start else {}
+            delta = synthesize_trigger(teacher_logits, x, rounds=r, lr=lr, l2=l2, temperature=temperature, **kw)
+            on_clean = teacher_logits(x_clean + delta)
+            out[f"R{r}_" + (f"random{start}" if start else "zero")] = {
+                "kl": float(kl_divergence(clean, teacher_logits(x + delta), temperature)),
+                "l2_norm": float(jnp.linalg.norm(delta)),
+                "batch_plus_delta_hist": histogram(teacher_logits(x + delta), num_classes),
+                "clean_plus_delta_hist": histogram(on_clean, num_classes),
+                "clean_plus_delta_target_rate": float(100.0 * jnp.mean(jnp.argmax(on_clean, -1) == target)),
+            }
     return out
 
 
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, nargs="+", default=[10, 30])
     ap.add_argument("--batches", type=int, default=3)
+    ap.add_argument("--starts", type=int, default=3, help="random starts besides the zero start")
+    ap.add_argument("--init-scale", type=float, default=1e-3)
     ap.add_argument("--sr-pseudo-batches", type=int, default=10)
     ap.add_argument("--reuse-prefix", action="store_true", help="as experiments.sr_sweep's (shares its checkpoint)")
     ap.add_argument("--smoke", action="store_true")
@@ -86,8 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     trigger = make_trigger(cfg.attack.trigger, ds.image_shape[0], ds.image_shape[2], seed=cfg.attack.trigger_seed,
                            pattern_file=cfg.attack.pattern_file or None)
 
-    @jax.jit
-    def teacher_logits(x):
+    def teacher_logits(x):  # not jitted on its own: SR's trigger search traces the teacher inline
         return r.teacher.apply(r.tvars, x, train=False)[0]
 
     x_clean = normalize(jnp.asarray(es.x_triggered_clean), ds.mean, ds.std)
@@ -97,14 +103,15 @@ def main(argv: list[str] | None = None) -> dict:
                           zc.batch_size, zc.z_dim)
         batches.append(probe_batch(teacher_logits, x, x_clean, es.target, ds.num_classes, args.rounds,
                                    lr=zc.sr_pert_lr, l2=zc.sr_l2, temperature=zc.temperature,
-                                   x_triggered=paste_trigger(x, trigger, ds.mean, ds.std)))
+                                   x_triggered=paste_trigger(x, trigger, ds.mean, ds.std),
+                                   init_scale=args.init_scale, starts=args.starts))
         b = batches[-1]
         print(f"batch {i}: teacher classes {b['batch_hist']} (target {es.target})"
               + (f"; real trigger KL {b['real_trigger_kl']:.3f}" if "real_trigger_kl" in b else ""))
-        for rr in args.rounds:
-            d = b[f"R{rr}"]
-            print(f"  R={rr}: KL {d['kl']:.3f}, |delta| {d['l2_norm']:.1f}, clean+delta -> target "
-                  f"{d['clean_plus_delta_target_rate']:.1f}%, classes {d['clean_plus_delta_hist']}")
+        for name, d in b.items():
+            if name.startswith("R"):
+                print(f"  {name}: KL {d['kl']:.3f}, |delta| {d['l2_norm']:.1f}, clean+delta -> target "
+                      f"{d['clean_plus_delta_target_rate']:.1f}%, classes {d['clean_plus_delta_hist']}")
     result = {"seed": args.seed, "target": es.target, "trigger": cfg.attack.trigger, "pseudo_batch":
               zc.pseudo_batches - zc.sr_pseudo_batches, "device": jax.devices()[0].device_kind, "batches": batches}
     Path(r.workdir, "sr_trigger_probe.json").write_text(json.dumps(result, indent=1))

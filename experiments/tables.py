@@ -126,7 +126,7 @@ def source_row(column: str, abd_parts: dict) -> str:
 # made after.
 LATER_FIELDS = {"ood": {"sv_push_cap": "none"}}
 LATER_FIELDS_EVERY_METHOD = {"sv_share_prefix": False, "sv_share_teacher": False, "generator_upsample": "separate",
-                             "sr_init_scale": 0.0}
+                             "sr_init_scale": 0.0, "sr_restarts": 1}
 
 
 def _section_for_key(cfg, method: str, uses_sv: bool) -> dict:

@@ -119,6 +119,20 @@ def test_unknown_zskt_option_fails_when_the_config_is_read(field, known):
     _assert_names_all(str(e.value), known)
 
 
+def test_trigger_restarts_without_random_starts_fail_in_every_method_config():
+    """sr_restarts > 1 from the zero start would repeat one search: refused when the config is
+    made (not at the SR phase, after the whole run), in each method's config."""
+    from abd_jax.kd.cmi import CMIConfig
+    from abd_jax.kd.ood import OODConfig
+
+    for config in (ZSKTConfig, CMIConfig, OODConfig):
+        with pytest.raises(ValueError, match="set sr_init_scale > 0"):
+            config(sr_restarts=4)
+        with pytest.raises(ValueError, match="restarts must be >= 1"):
+            config(sr_restarts=0, sr_init_scale=1e-3)
+        assert config(sr_restarts=4, sr_init_scale=1e-3).sr_restarts == 4
+
+
 def test_unknown_optimizer_lists_the_known_ones():
     with pytest.raises(ValueError, match="use 'sgd' or 'adam'"):
         make_optimizer("rmsprop", 0.1)

@@ -102,6 +102,19 @@ def test_trigger_search_from_zero_starts_on_rounding_noise_and_a_random_start_do
     np.testing.assert_array_equal(synthesize_trigger(m, x, rounds=0, init_scale=1e-3),
                                   synthesize_trigger(m, x, rounds=0, init_scale=1e-3, init_key=jax.random.key(0)))
     assert float(jnp.max(jnp.abs(synthesize_trigger(m, x, rounds=0, init_scale=0.0)))) == 0.0
+    # Restarts: the search from each start, and the one whose objective ended lowest is returned.
+    key = jax.random.key(3)
+    best = synthesize_trigger(m, x, rounds=3, lr=0.1, l2=1e-3, init_scale=1e-2, init_key=key, restarts=3)
+
+    def objective(d):
+        return -float(kl_divergence(clean, m(x + d))) + 1e-3 * float(jnp.sum(d**2))
+
+    singles = [synthesize_trigger(m, x, rounds=3, lr=0.1, l2=1e-3, init_scale=1e-2, init_key=k)
+               for k in jax.random.split(key, 3)]
+    assert len({round(objective(d), 6) for d in singles}) == 3  # three different searches
+    np.testing.assert_allclose(best, min(singles, key=objective), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="restarts"):
+        synthesize_trigger(m, x, rounds=1, restarts=2)  # the zero start is a single point
 
 
 def test_perturb_subset_touches_exactly_k_samples():

@@ -30,7 +30,8 @@ class ABDOptions:
       `sr_fp_iterations` fixed-point iterations and inner L2 `sr_l2` (spec 4.1); `sr_coef` scales
       the SR gradient added to the KD gradient. `sr_init_scale` > 0 starts the trigger search at
       a small random perturbation instead of the spec's zero, where the search's first step is
-      set by rounding noise (`self_retrospection.synthesize_trigger`, docs/ABD_SR.md).
+      set by rounding noise, and `sr_restarts` > 1 keeps the best of that many random starts
+      (`self_retrospection.synthesize_trigger`, docs/ABD_SR.md).
     """
 
     sv: bool = False
@@ -49,3 +50,13 @@ class ABDOptions:
     sr_fp_iterations: int = 5
     sr_trigger_model: str = "teacher"
     sr_init_scale: float = 0.0
+    sr_restarts: int = 1
+
+    def __post_init__(self) -> None:
+        # Checked when the config is made: the trigger search only runs in the SR phase, at the
+        # end of a run. Every method's config calls this from its own __post_init__.
+        if self.sr_restarts < 1 or (self.sr_restarts > 1 and not self.sr_init_scale > 0):
+            raise ValueError(f"sr_restarts = {self.sr_restarts} with sr_init_scale = {self.sr_init_scale}: "
+                             "restarts must be >= 1, and more than 1 needs random starts; set sr_init_scale "
+                             "> 0 (e.g. 1e-3) or sr_restarts = 1")
+

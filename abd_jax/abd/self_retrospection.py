@@ -109,21 +109,25 @@ def synthesize_trigger(
     kl_scale: float = 1.0,
     init_scale: float = 0.0,
     init_key: jax.Array | None = None,
+    restarts: int = 1,
 ) -> jax.Array:
     """A universal perturbation delta [1, *x.shape[1:]] that moves M = `logits_fn` the most (spec 4.1.1).
 
     Starts at zero (the spec; or, with `init_scale` > 0, at init_scale * N(0, 1) drawn from
     `init_key`) and takes `rounds` optax.adam(lr) steps on
     -KL_tau(M(x) || M(x + delta)) + l2 * ||delta||_2^2, the clean side stopped. No projection or
-    clipping (spec 12.2). Deterministic for a given key.
+    clipping (spec 12.2). Deterministic for a given key. With `restarts` = n > 1 (needs
+    init_scale > 0) it searches from n random starts (keys split from `init_key`) and returns the
+    delta whose objective ended lowest, i.e. the one that moves M the most.
 
     Why a random start: at delta = 0 the KL is at its minimum, so its gradient is zero and what the
     computer returns is rounding noise (max |g| ~1e-9 on the quickstart); Adam divides by the
     gradient's own size, so the first step is a full-size step in a direction set by float
-    summation order, and the run goes wherever that leads. On the quickstart's teacher the zero start
-    found a weak perturbation (KL 0.40, sending clean images to an arbitrary class) where six random
-    starts at scale 1e-3 all found the backdoor (KL 1.06-1.85, every clean image to the target
-    class); docs/ABD_SR.md "Where the trigger search starts".
+    summation order, and the run goes wherever that leads. Why restarts: on the quickstart's
+    teacher the search has (at least) two basins, the backdoor (every clean image to the target
+    class) and a weaker one (an arbitrary class), and the backdoor's objective is the larger; the
+    zero start and some random starts end in the weaker one. docs/ABD_SR.md "Where the trigger
+    search starts".
 
     Args:
       logits_fn: x -> logits; the teacher in eval mode (released sweeps) or the student
@@ -135,6 +139,7 @@ def synthesize_trigger(
       temperature, reduction, kl_scale: the KL as in `kl_divergence`.
       init_scale: standard deviation of the start (0: the spec's zero start).
       init_key: the start's key (default `jax.random.key(0)`, a fixed start) when init_scale > 0.
+      restarts: number of random starts (static); the best one is returned.
 
     Returns:
       delta, [1, *x.shape[1:]], gradient-stopped.
@@ -158,15 +163,27 @@ def synthesize_trigger(
         updates, opt_state = opt.update(jax.grad(objective)(delta), opt_state, delta)
         return optax.apply_updates(delta, updates), opt_state
 
-    delta = jnp.zeros((1, *x.shape[1:]), x.dtype)
-    if init_scale:
-        key = jax.random.key(0) if init_key is None else init_key
-        delta = init_scale * jax.random.normal(key, delta.shape, x.dtype)
-    # The rounds are a loop; convolution gradients in loops need the loop-friendly VJP on
-    # XLA:CPU (abd_jax/models/conv_op.py: ~10x on this machine), a no-op elsewhere in value.
-    with loop_friendly_convs():
-        delta, _ = jax.lax.fori_loop(0, rounds, body, (delta, opt.init(delta)))
-    return jax.lax.stop_gradient(delta)
+    if restarts < 1 or (restarts > 1 and not init_scale):
+        raise ValueError(f"restarts must be >= 1, and > 1 only with init_scale > 0 (the zero start is one "
+                         f"point); got restarts={restarts}, init_scale={init_scale}")
+    shape = (1, *x.shape[1:])
+    key = jax.random.key(0) if init_key is None else init_key
+    keys = [key] if restarts == 1 else list(jax.random.split(key, restarts))
+
+    def search(k: jax.Array) -> jax.Array:
+        delta = init_scale * jax.random.normal(k, shape, x.dtype) if init_scale else jnp.zeros(shape, x.dtype)
+        # The rounds are a loop; convolution gradients in loops need the loop-friendly VJP on
+        # XLA:CPU (abd_jax/models/conv_op.py: ~10x on this machine), a no-op elsewhere in value.
+        with loop_friendly_convs():
+            delta, _ = jax.lax.fori_loop(0, rounds, body, (delta, opt.init(delta)))
+        return delta
+
+    # A Python loop over the (few, static) starts: each is its own small search, as a single call.
+    deltas = [search(k) for k in keys]
+    if len(deltas) == 1:
+        return jax.lax.stop_gradient(deltas[0])
+    scores = jnp.stack([objective(d) for d in deltas])
+    return jax.lax.stop_gradient(jnp.stack(deltas)[jnp.argmin(scores)])
 
 
 def outer_mask(key: jax.Array, batch_size: int, portion: float) -> jax.Array:
@@ -316,6 +333,7 @@ def retrospect(
     reduction: str = "mean",
     kl_scale: float = 1.0,
     trigger_init_scale: float = 0.0,
+    trigger_restarts: int = 1,
 ) -> tuple[PyTree, Metrics]:
     """Steps 1-4 of spec 4.1 in one call: `synthesize_trigger` then `sr_grads`.
 
@@ -323,8 +341,8 @@ def retrospect(
     (eval mode), as the released sweeps and CMI/OOD do, or "student" for the student itself
     (train-mode BN; the ZSKT CLI default and the poster's story) (spec 12.1).
     `trigger_l2` is the synthesis penalty (ZSKT 1e-3, CMI/OOD 0); `l2` the inner-problem one.
-    `trigger_init_scale` > 0 starts the synthesis at a random delta drawn from `key` (see
-    `synthesize_trigger`).
+    `trigger_init_scale` > 0 starts the synthesis at a random delta drawn from `key`, from
+    `trigger_restarts` starts (see `synthesize_trigger`).
     Use it as the body of `sr_grad_fn` for the `self_retrospection` transform.
     """
     if isinstance(trigger_logits_fn, str):
@@ -348,6 +366,7 @@ def retrospect(
         kl_scale=kl_scale,
         init_scale=trigger_init_scale,
         init_key=jax.random.fold_in(key, 1),
+        restarts=trigger_restarts,
     )
     return sr_grads(
         student_apply,
@@ -380,13 +399,14 @@ def batchmean_sr_hooks(teacher: nn.Module, student: nn.Module, options: Any, tem
 
     def prepare(teacher_vars: PyTree, x: jax.Array) -> jax.Array:
         return synthesize_trigger(lambda z: teacher.apply(teacher_vars, z, train=False)[0], x,
-                                  rounds=o.sr_rounds, lr=o.sr_pert_lr, l2=0.0, init_scale=o.sr_init_scale, **kl)
+                                  rounds=o.sr_rounds, lr=o.sr_pert_lr, l2=0.0, init_scale=o.sr_init_scale,
+                                  restarts=o.sr_restarts, **kl)
 
     def student_sr(student_vars: PyTree, teacher_vars: PyTree, x: jax.Array, key: jax.Array, delta=None):
         if delta is None:  # the student synthesizes its own trigger (the poster's story)
             delta = synthesize_trigger(lambda z: student_apply(student_vars, z), x, rounds=o.sr_rounds,
                                        lr=o.sr_pert_lr, l2=0.0, init_scale=o.sr_init_scale,
-                                       init_key=jax.random.fold_in(key, 1), **kl)
+                                       init_key=jax.random.fold_in(key, 1), restarts=o.sr_restarts, **kl)
         grads, _ = sr_grads(student_apply, student_vars, x, delta, key, portion=o.sr_portion,
                             fp_iterations=o.sr_fp_iterations, l2=o.sr_l2, detach_clean=False, **kl)
         return grads

@@ -100,6 +100,8 @@ class CMIConfig(ABDOptions):
     sr_steps: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+
         def bad(field: str, why: str) -> ValueError:
             return ValueError(f"cmi.{field} = {getattr(self, field)!r}: {why}; set --config.cmi.{field}=...")
 

@@ -111,6 +111,7 @@ class OODConfig(ABDOptions):
     sv_push_cap: str = "none"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         choices = {"student": MODEL_NAMES, "patch_color": PATCH_COLORS, "sr_trigger_model": ("teacher", "student"),
                    "sv_push_cap": PUSH_CAPS}
         for field, known in choices.items():

@@ -104,6 +104,7 @@ class ZSKTConfig(ABDOptions):
     sr_fuse: str = "host"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # Checked here, not where each field is first used: sr_fuse and sr_trigger_model are only
         # read when the SR phase starts, after the whole main run.
         choices = {
@@ -195,13 +196,14 @@ def sr_hook(teacher, student, cfg: ZSKTConfig):
             return teacher.apply(teacher_vars, inputs, train=False)[0]
 
         return synthesize_trigger(teacher_logits, x, rounds=cfg.sr_rounds, lr=cfg.sr_pert_lr, l2=cfg.sr_l2,
-                                  temperature=cfg.temperature, init_scale=cfg.sr_init_scale)
+                                  temperature=cfg.temperature, init_scale=cfg.sr_init_scale,
+                                  restarts=cfg.sr_restarts)
 
     def student_sr(student_vars: PyTree, teacher_vars: PyTree, x: jax.Array, key: jax.Array, delta=None):
         if delta is None:  # the student synthesizes its own trigger
             grads, _ = retrospect(student_apply, student_vars, x, key, trigger_logits_fn="student",
                                   rounds=cfg.sr_rounds, pert_lr=cfg.sr_pert_lr, trigger_l2=cfg.sr_l2,
-                                  trigger_init_scale=cfg.sr_init_scale, **kw)
+                                  trigger_init_scale=cfg.sr_init_scale, trigger_restarts=cfg.sr_restarts, **kw)
         else:
             grads, _ = sr_grads(student_apply, student_vars, x, delta, key, **kw)
         return grads
