@@ -1,7 +1,8 @@
 """Time the generator's "upsample x2 + 3x3 conv" fused (models/upsample_conv.py) against the two
-ops in turn, per layer and for the whole ZSKT generator, on the current backend.
+ops in turn, per layer and for the whole ZSKT (and CMI) generator, on the current backend.
 
     python -m benchmarks.upsample_conv [--size 32] [--batch 128] [--repeats 10] [--json]
+        [--generators zskt cmi] [--no-layers]
 
 Layers: the ZSKT generator's two (width 128: 128 -> 128 channels at S/4 -> S/2 pixels, 128 -> 64
 at S/2 -> S). Per case: forward, and forward + the gradients of input and kernel (`jax.vjp`),
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from abd_jax.models import Generator
+from abd_jax.models.cmi_generator import CMIGenerator
 from abd_jax.models.generator import _upsample2x
 from abd_jax.models.upsample_conv import upsample2x_conv3x3
 from benchmarks.conv_grads import median_ms
@@ -50,12 +52,16 @@ def layer_rows(size: int, batch: int, repeats: int) -> list[dict]:
     return rows
 
 
-def generator_row(size: int, batch: int, repeats: int) -> dict:
-    z = jax.random.normal(jax.random.key(1), (batch, 100))
-    row = {"case": f"ZSKT generator at {size}x{size}, train mode"}
+GENERATORS = {"zskt": (Generator, 100), "cmi": (CMIGenerator, 256)}  # module, z_dim (each one's default)
+
+
+def generator_row(size: int, batch: int, repeats: int, kind: str = "zskt") -> dict:
+    module, z_dim = GENERATORS[kind]
+    z = jax.random.normal(jax.random.key(1), (batch, z_dim))
+    row = {"case": f"{kind.upper()} generator at {size}x{size}, batch {batch}, train mode"}
     outs = {}
     for name, fused in (("separate", False), ("fused", True)):
-        gen = Generator(image_size=size, fused_upsample=fused)
+        gen = module(z_dim=z_dim, image_size=size, fused_upsample=fused)
         variables = gen.init(jax.random.key(0), z, train=False)
 
         def images(params, z, gen=gen, variables=variables):
@@ -75,8 +81,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--generators", nargs="+", default=["zskt"], choices=sorted(GENERATORS),
+                    help="whole generators to time (cmi: CMI's, at its own z_dim and width 128)")
+    ap.add_argument("--no-layers", action="store_true", help="skip the per-layer rows")
     args = ap.parse_args(argv)
-    rows = [*layer_rows(args.size, args.batch, args.repeats), generator_row(args.size, args.batch, args.repeats)]
+    rows = [] if args.no_layers else layer_rows(args.size, args.batch, args.repeats)
+    rows += [generator_row(args.size, args.batch, args.repeats, kind) for kind in args.generators]
     for row in rows:
         row["device"] = jax.devices()[0].device_kind
         print(json.dumps(row) if args.json else "  ".join(f"{k} {v}" for k, v in row.items()), flush=True)

@@ -138,6 +138,8 @@ def _section_for_key(cfg, method: str, uses_sv: bool) -> dict:
         section.pop("sv_share_prefix", None)
     if not uses_sv or section.get("method", "zskt") != "zskt":  # only ZSKT's generator step reads it
         section.pop("sv_share_teacher", None)
+    if section.get("synthesizer") == "deepinversion":  # inverts images directly: no generator
+        section.pop("generator_upsample", None)
     return section
 
 

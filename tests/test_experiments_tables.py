@@ -77,7 +77,8 @@ def test_a_later_field_at_its_default_keeps_the_stored_row_keys():
 
 
 def test_fields_that_change_float_order_key_only_the_rows_they_change():
-    """sv_share_prefix, sv_share_teacher and generator_upsample: at their old values a row keeps
+    """sv_share_prefix, sv_share_teacher, generator_upsample (ZSKT family and CMI; DeepInversion has
+    no generator) and the SR trigger-start fields: at their old values a row keeps
     its stored key (so `--set` reproduces stored rows), at their defaults the rows they change get
     new keys, and the vaccine switches leave rows without a vaccine (or, for sv_share_teacher,
     methods other than ZSKT) alone."""
@@ -99,7 +100,8 @@ def test_fields_that_change_float_order_key_only_the_rows_they_change():
         assert tables.row_key(at_old_values, column, t.abd_parts) == tables.row_key(old, column, t.abd_parts)
     changed = {c for c in ("zskt", "zskt+sr", "zskt+sv", "cmi", "cmi+sr", "cmi+sv", "ood+sv")
                if tables.row_key(cfg, c, t.abd_parts) != tables.row_key(old, c, t.abd_parts)}
-    assert changed == {"zskt", "zskt+sr", "zskt+sv", "cmi+sv", "ood+sv"}
+    assert changed == {"zskt", "zskt+sr", "zskt+sv", "cmi", "cmi+sr", "cmi+sv", "ood+sv"}
+    assert tables.row_key(cfg, "deepinversion", t.abd_parts) == tables.row_key(old, "deepinversion", t.abd_parts)
     # sv_share_teacher alone: only ZSKT rows with a vaccine
     teacher_apart = cfg.copy_and_resolve_references()
     for method in cfg.sections:

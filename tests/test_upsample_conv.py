@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from jax import lax
 
 from abd_jax.models import Generator
+from abd_jax.models.cmi_generator import CMIGenerator
 from abd_jax.models.generator import _upsample2x
 from abd_jax.models.upsample_conv import upsample2x_conv3x3
 
@@ -43,10 +44,12 @@ def test_fused_rejects_other_kernel_sizes():
         upsample2x_conv3x3(jnp.ones((1, 2, 2, 1)), jnp.ones((5, 5, 1, 1)))
 
 
-def test_generator_fused_and_separate_share_parameters_and_outputs():
+@pytest.mark.parametrize("generator", [Generator, CMIGenerator])
+def test_generator_fused_and_separate_share_parameters_and_outputs(generator):
     z = jax.random.normal(KEY, (16, 32))
-    fused = Generator(z_dim=32, image_size=16, width=16)
-    separate = Generator(z_dim=32, image_size=16, width=16, fused_upsample=False)
+    fused = generator(z_dim=32, image_size=16, width=16)
+    separate = generator(z_dim=32, image_size=16, width=16, fused_upsample=False)
+    assert fused.fused_upsample  # the default
     variables = fused.init(KEY, z, train=False)
     # Same names, shapes, initial values: checkpoints and converted weights serve both.
     jax.tree.map(np.testing.assert_array_equal, variables, separate.init(KEY, z, train=False))

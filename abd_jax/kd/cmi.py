@@ -82,6 +82,9 @@ class CMIConfig(ABDOptions):
     head_dim: int = 256
     z_dim: int = 256
     generator_width: int = 128
+    # "fused": each upsample + 3x3 conv of the generator as four 2x2 convs of the small image
+    # (models/upsample_conv.py, same values up to rounding); "separate": as before 2026-11-28.
+    generator_upsample: str = "fused"
     kd_temperature: float = 20.0
     crop_pad: int = 4
     student: str = "wrn16_1"
@@ -106,7 +109,7 @@ class CMIConfig(ABDOptions):
             return ValueError(f"cmi.{field} = {getattr(self, field)!r}: {why}; set --config.cmi.{field}=...")
 
         choices = {"student": MODEL_NAMES, "synthesizer": ("cmi", "deepinversion"), "fuse": ("host", "loop"),
-                   "sr_trigger_model": ("teacher", "student")}
+                   "sr_trigger_model": ("teacher", "student"), "generator_upsample": ("fused", "separate")}
         for field, known in choices.items():
             if getattr(self, field) not in known:
                 raise bad(field, f"must be one of {', '.join(known)}")
@@ -252,7 +255,8 @@ def build_cmi(teacher, dataset: Dataset, cfg: CMIConfig, seed: int, teacher_vars
     check_classifier_fits(teacher, teacher_vars, dataset.image_shape, dataset.num_classes)
     size, _, channels = dataset.image_shape
     student = get_model(cfg.student, num_classes=dataset.num_classes)
-    generator = CMIGenerator(z_dim=cfg.z_dim, image_size=size, channels=channels, width=cfg.generator_width)
+    generator = CMIGenerator(z_dim=cfg.z_dim, image_size=size, channels=channels, width=cfg.generator_width,
+                             fused_upsample=cfg.generator_upsample == "fused")
     k_s, k_h, k_run, k_sv = jax.random.split(jax.random.key(seed), 4)
     s_tx = _student_tx(cfg)
     hook_state = None

@@ -3,6 +3,7 @@
 z [B, z_dim] -> Dense -> [B, S/4, S/4, width] -> BN
   -> up x2 -> Conv3x3 width->width (no bias) -> BN -> LeakyReLU(0.2)
   -> up x2 -> Conv3x3 width->width/2 (no bias) -> BN -> LeakyReLU(0.2)
+  (each "up x2 -> Conv3x3" computed fused by default, `fused_upsample`)
   -> Conv3x3 width/2->channels -> Sigmoid
 
 Its images live in [0, 1] pixel space (the sigmoid), not in normalized space: CMI augments, then
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 from abd_jax.models.conv_op import conv_general_dilated
 from abd_jax.models.generator import _upsample2x
 from abd_jax.models.initializers import BN_EPSILON, BN_MOMENTUM
+from abd_jax.models.upsample_conv import Upsample2xConv
 
 _W_INIT = nn.initializers.normal(0.02)
 
@@ -38,13 +40,28 @@ def _conv(features: int, name: str, bias: bool) -> nn.Conv:
                    bias_init=nn.initializers.zeros, conv_general_dilated=conv_general_dilated, name=name)
 
 
+def _up_conv(features: int, name: str, fused: bool):
+    """x2 nearest upsampling then the 3x3 conv `name` (no bias); fused: one module computing both
+    without the upsampled image (models/upsample_conv.py), with _conv's parameters and initializer."""
+    if fused:
+        return Upsample2xConv(features, use_bias=False, kernel_init=_W_INIT, name=name)
+    conv = _conv(features, name, False)
+    return lambda x: conv(_upsample2x(x))
+
+
 class CMIGenerator(nn.Module):
-    """z [B, z_dim] -> images [B, image_size, image_size, channels] in [0, 1]."""
+    """z [B, z_dim] -> images [B, image_size, image_size, channels] in [0, 1].
+
+    fused_upsample: each "upsample x2, conv 3x3" pair computed without the upsampled image (same
+      parameters, values up to rounding; models/upsample_conv.py); False upsamples then convolves,
+      as before 2026-11-28 (bitwise reproduction of earlier runs).
+    """
 
     z_dim: int = 256
     image_size: int = 32
     channels: int = 3
     width: int = 128  # ngf * 2 in the reference (ngf = 64)
+    fused_upsample: bool = True
 
     @nn.compact
     def __call__(self, z: jax.Array, train: bool = True) -> jax.Array:
@@ -56,8 +73,7 @@ class CMIGenerator(nn.Module):
         x = nn.Dense(self.width * s * s, kernel_init=_W_INIT, bias_init=nn.initializers.zeros, name="fc")(z)
         # (C, H, W) view as the reference, then NHWC.
         x = x.reshape(z.shape[0], self.width, s, s).transpose(0, 2, 3, 1)
-        x = _upsample2x(_bn(train, "bn0")(x))
-        x = nn.leaky_relu(_bn(train, "bn1")(_conv(self.width, "conv1", False)(x)), 0.2)
-        x = _upsample2x(x)
-        x = nn.leaky_relu(_bn(train, "bn2")(_conv(self.width // 2, "conv2", False)(x)), 0.2)
+        x = _bn(train, "bn0")(x)
+        x = nn.leaky_relu(_bn(train, "bn1")(_up_conv(self.width, "conv1", self.fused_upsample)(x)), 0.2)
+        x = nn.leaky_relu(_bn(train, "bn2")(_up_conv(self.width // 2, "conv2", self.fused_upsample)(x)), 0.2)
         return nn.sigmoid(_conv(self.channels, "conv3", True)(x))

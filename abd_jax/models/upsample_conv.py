@@ -1,7 +1,6 @@
 """Nearest-neighbour x2 upsampling followed by a 3x3 convolution, computed without upsampling.
 
-Why: the ZSKT generator (and CMI's, which does not use this yet) upsamples by 2 and then
-convolves with a 3x3 kernel, twice.
+Why: the ZSKT generator and CMI's upsample by 2 and then convolve with a 3x3 kernel, twice.
 After a nearest-neighbour upsampling every 2x2 block of the image repeats one input pixel, so each
 of the four output phases (row parity a, column parity b) is a 2x2 convolution of the *small*
 input with a kernel made by summing rows/columns of the 3x3 kernel:
