@@ -129,7 +129,7 @@ LATER_FIELDS_EVERY_METHOD = {"sv_share_prefix": False, "sv_share_teacher": False
                              "sr_init_scale": 0.0, "sr_restarts": 1}
 
 
-def _section_for_key(cfg, method: str, uses_sv: bool) -> dict:
+def _section_for_key(cfg, method: str, uses_sv: bool, uses_sr: bool = True) -> dict:
     section = cfg.sections[method].to_dict()
     for field, value in {**LATER_FIELDS_EVERY_METHOD, **LATER_FIELDS.get(method, {})}.items():
         if section.get(field) == value:
@@ -140,6 +140,9 @@ def _section_for_key(cfg, method: str, uses_sv: bool) -> dict:
         section.pop("sv_share_teacher", None)
     if section.get("synthesizer") == "deepinversion":  # inverts images directly: no generator
         section.pop("generator_upsample", None)
+    if not uses_sr:  # where SR's trigger search starts matters only where SR runs
+        for field in ("sr_init_scale", "sr_restarts"):
+            section.pop(field, None)
     return section
 
 
@@ -151,7 +154,7 @@ def row_key(cfg, column: str, abd_parts: dict) -> str:
     if column == "clean_kd":
         parts["clean_kd"] = cfg.clean_kd.to_dict()
     elif column != "teacher":
-        parts[method] = _section_for_key(cfg, method, uses_sv=abd in ("sv", "abd"))
+        parts[method] = _section_for_key(cfg, method, uses_sv=abd in ("sv", "abd"), uses_sr=abd in ("sr", "abd"))
         if abd and method != "zskt":
             parts["abd"] = [list(ROW_PARTS[abd]), cfg.sr_steps[method]]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

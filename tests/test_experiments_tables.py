@@ -109,6 +109,11 @@ def test_fields_that_change_float_order_key_only_the_rows_they_change():
             teacher_apart.sections[method].sv_share_teacher = False
     changed = {c for c in columns if tables.row_key(cfg, c, t.abd_parts) != tables.row_key(teacher_apart, c, t.abd_parts)}
     assert changed == {"zskt+sv", "zskt+abd"}
+    # The SR trigger-start fields: only rows that run SR
+    random_start = cfg.copy_and_resolve_references()
+    random_start.sections.zskt.sr_init_scale, random_start.sections.zskt.sr_restarts = 1e-3, 4
+    changed = {c for c in columns if tables.row_key(cfg, c, t.abd_parts) != tables.row_key(random_start, c, t.abd_parts)}
+    assert changed == {"zskt+sr", "zskt+abd"}
 
 
 def test_set_changes_a_field_with_its_type_and_names_the_fix():
