@@ -110,8 +110,8 @@ def test_fields_that_change_float_order_key_only_the_rows_they_change():
     changed = {c for c in columns if tables.row_key(cfg, c, t.abd_parts) != tables.row_key(teacher_apart, c, t.abd_parts)}
     assert changed == {"zskt+sv", "zskt+abd"}
     # The SR trigger-start fields: only rows that run SR
-    random_start = cfg.copy_and_resolve_references()
-    random_start.sections.zskt.sr_init_scale, random_start.sections.zskt.sr_restarts = 1e-3, 4
+    random_start = cfg.copy_and_resolve_references()  # another start than the config's (quickstart: 1e-3, 4)
+    random_start.sections.zskt.sr_init_scale, random_start.sections.zskt.sr_restarts = 2e-3, 2
     changed = {c for c in columns if tables.row_key(cfg, c, t.abd_parts) != tables.row_key(random_start, c, t.abd_parts)}
     assert changed == {"zskt+sr", "zskt+abd"}
 

@@ -167,6 +167,9 @@ def _worker() -> dict:
         if mu1:
             scale = max(float(np.abs(np.asarray(x)).max()) for x in mu1)
             out["adam_mu_rel"] = _diffs(mu8, mu1)["max_abs"] / scale
+            # The same for the 1-device step from the nudged inputs: its own rounding sensitivity.
+            out["adam_mu_noise_rel"] = max(_diffs(_adam_mu(pick(sn).opt_state), mu1)["max_abs"]
+                                           for sn, _ in nudged) / scale
         out["moved"] = _diffs(s1.params, before.params)["max_abs"]  # the steps did change the params
         return out
 
@@ -375,9 +378,16 @@ def test_zskt_noise_same_values_and_sharded():
 def _assert_generator_step_tight(r: dict, metrics: tuple[str, ...], what: str) -> None:
     """The pseudo-batch's generator step runs on identical inputs in both paths, before any Adam
     update could amplify rounding: its gradient (Adam's first moment), the generator's BN
-    statistics and the losses it reports must agree within TIGHT."""
+    statistics and the losses it reports must agree within TIGHT. The gradient may instead stay
+    within K_NOISE x what a 1-ulp nudge of the inputs does to it: the SR phase's generator step
+    starts from a trained state where that nudge alone moves the gradient by ~3.5e-3 (relative,
+    measured 2026-11-28), so TIGHT there asks more precision than the step has; which side of it
+    the 8-device run lands on changed with a rounding-level change of the state (the SV
+    pseudo-batch's teacher-shared prefix: 1e-6 before, 3.5e-3 after)."""
     g = r["generator"]
-    assert g["adam_mu_rel"] <= TIGHT_REL, f"{what}: generator gradient differs by {g['adam_mu_rel']} (relative)"
+    assert g["adam_mu_rel"] <= max(TIGHT_REL, K_NOISE * g["adam_mu_noise_rel"]), (
+        f"{what}: generator gradient differs by {g['adam_mu_rel']} (relative), beyond TIGHT and {K_NOISE}x "
+        f"the 1-device step's own rounding sensitivity {g['adam_mu_noise_rel']}")
     assert _tight(g["batch_stats"]["diff"]), (what, g["batch_stats"])
     for k in metrics:
         assert _tight(g["metric_diffs"][k]), (what, k, g["metric_diffs"][k])
