@@ -28,13 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from abd_jax.abd.self_retrospection import synthesize_trigger
 from abd_jax.augment import normalize
 from abd_jax.jobs import teacher_and_eval, zskt_config_from
 from abd_jax.kd.common import DFKDHooks
 from abd_jax.kd.loop import run_steps
 from abd_jax.kd.zskt import sample_images
-from abd_jax.kd.zskt_train import ZSKTConfig, build_zskt, sr_phase
+from abd_jax.kd.zskt_train import ZSKTConfig, build_zskt, sr_hook, sr_phase
 from abd_jax.pipeline import EvalSets, evaluator
 from abd_jax.resume import CheckpointPolicy
 from experiments.configs.quickstart import get_config
@@ -59,11 +58,8 @@ def trigger_target_rates(teacher, tvars, student, s_vars, x_gen: jax.Array, eval
     `student_sr_prepare` does, from the generator batch `x_gen`, then added to the evaluation's clean
     non-target images; the share of them the teacher (and the student) then send to the target.
     The real trigger sends the teacher's 100% there; clean images about 0-2%."""
-    def teacher_logits(inputs):
-        return teacher.apply(tvars, inputs, train=False)[0]
-
-    delta = synthesize_trigger(teacher_logits, x_gen, rounds=cfg.sr_rounds, lr=cfg.sr_pert_lr, l2=cfg.sr_l2,
-                               temperature=cfg.temperature, init_scale=cfg.sr_init_scale, restarts=cfg.sr_restarts)
+    _, prepare = sr_hook(teacher, student, cfg)  # the SR phase's own trigger synthesis
+    delta = prepare(tvars, x_gen)
     x = normalize(jnp.asarray(eval_sets.x_triggered_clean), mean, std) + delta
     rates = {}
     for name, model, variables in (("teacher", teacher, tvars), ("student", student, s_vars)):
@@ -78,7 +74,7 @@ def resume_point(workdir: str | Path, seed: int, *, sv: bool = False, sr_pseudo_
     """The quickstart's teacher (trained or reused from DIR/teacher) and its ZSKT run (with `sv` the
     ZSKT+SV run) at pseudo-batch N - k, where an SR phase of k pseudo-batches would resume it; with
     `reuse_prefix` checkpointed in / restored from DIR/sr_sweep_prefix. Returns a namespace with
-    dataset, eval_sets, teacher, tvars, zc (the ZSKTConfig), student, generator, state, step, workdir."""
+    cfg (the job config), dataset, eval_sets, teacher, tvars, zc (the ZSKTConfig), student, generator, state, step, workdir."""
     cfg = get_config("smoke" if smoke else None)
     if smoke:
         sr_pseudo_batches = 1
@@ -95,7 +91,7 @@ def resume_point(workdir: str | Path, seed: int, *, sv: bool = False, sr_pseudo_
         ckpt = CheckpointPolicy(workdir / "sr_sweep_prefix" / tag, resume=True)
     state, _ = run_steps(step, state, tvars, num_steps=zc.pseudo_batches - zc.sr_pseudo_batches, desc="prefix",
                          checkpoint=ckpt)
-    return SimpleNamespace(dataset=dataset, eval_sets=eval_sets, teacher=teacher, tvars=tvars, zc=zc,
+    return SimpleNamespace(cfg=cfg, dataset=dataset, eval_sets=eval_sets, teacher=teacher, tvars=tvars, zc=zc,
                            student=student, generator=generator, state=state, step=step, workdir=workdir)
 
 

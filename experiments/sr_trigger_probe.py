@@ -12,7 +12,9 @@ zero start, and from `--starts` random starts at `--init-scale`), and reports:
 - the teacher's class histogram on the batch, on batch + delta, and on the clean non-target test
   images + delta (a trigger-like delta sends the last to the target class);
 - the synthesis objective's KL for delta and for the real trigger pasted into the same batch (the
-  stamp / blend triggers), i.e. whether the objective itself prefers the trigger.
+  stamp / blend triggers), i.e. whether the objective itself prefers the trigger;
+- the objective's gradient at delta = 0 (where the spec's search starts) and the real trigger's
+  size in the same units as delta.
 
 Prints a summary and writes DIR/sr_trigger_probe.json. Findings: docs/ABD_SR.md.
 """
@@ -28,10 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from abd_jax.abd.self_retrospection import kl_divergence, synthesize_trigger
-from abd_jax.attacks.triggers import Trigger, make_trigger
+from abd_jax.attacks.triggers import Trigger, _apply, make_trigger
 from abd_jax.augment import normalize
 from abd_jax.kd.zskt import sample_images
-from experiments.configs.quickstart import get_config
 from experiments.sr_sweep import resume_point
 
 
@@ -41,9 +42,8 @@ def paste_trigger(x: jax.Array, trigger: Trigger, mean, std) -> jax.Array | None
     trigger modes."""
     if trigger.mode not in ("stamp", "blend"):
         return None
-    pattern = normalize(jnp.asarray(trigger.pattern)[None], mean, std)
-    weight = jnp.asarray(trigger.alpha, jnp.float32) * jnp.asarray(trigger.mask, jnp.float32)[None]
-    return x + weight * (pattern - x)
+    # The trigger's own formula (affine in the image for these modes), with the pattern normalized.
+    return _apply(jnp, x, trigger.replace(pattern=normalize(jnp.asarray(trigger.pattern)[None], mean, std)[0]))
 
 
 def histogram(logits: jax.Array, num_classes: int) -> list[int]:
@@ -56,7 +56,9 @@ def probe_batch(teacher_logits, x: jax.Array, x_clean: jax.Array, target: int, n
     """One generator batch: the teacher's classes on it, and per R and start (the spec's zero start,
     then `starts` random starts at `init_scale`, keys 1..starts) what delta does (see module doc)."""
     clean = teacher_logits(x)
-    out = {"batch_hist": histogram(clean, num_classes)}
+    # The objective's gradient where the spec's search starts (delta = 0): zero up to rounding.
+    at_zero = jax.grad(lambda d: kl_divergence(clean, teacher_logits(x + d), temperature))(jnp.zeros_like(x[:1]))
+    out = {"batch_hist": histogram(clean, num_classes), "grad_at_zero_max_abs": float(jnp.max(jnp.abs(at_zero)))}
     if x_triggered is not None:
         out["real_trigger_kl"] = float(kl_divergence(clean, teacher_logits(x_triggered), temperature))
         out["real_trigger_batch_target_share"] = float(jnp.mean(jnp.argmax(teacher_logits(x_triggered), -1) == target))
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     r = resume_point(args.workdir, args.seed, sr_pseudo_batches=args.sr_pseudo_batches, smoke=args.smoke,
                      reuse_prefix=args.reuse_prefix)
-    cfg, zc, es, ds = get_config("smoke" if args.smoke else None), r.zc, r.eval_sets, r.dataset
+    cfg, zc, es, ds = r.cfg, r.zc, r.eval_sets, r.dataset
     trigger = make_trigger(cfg.attack.trigger, ds.image_shape[0], ds.image_shape[2], seed=cfg.attack.trigger_seed,
                            pattern_file=cfg.attack.pattern_file or None)
 
@@ -97,6 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
         return r.teacher.apply(r.tvars, x, train=False)[0]
 
     x_clean = normalize(jnp.asarray(es.x_triggered_clean), ds.mean, ds.std)
+    # The real trigger's size in the same (normalized) units as delta, per test image.
+    trigger_l2 = jnp.linalg.norm((normalize(jnp.asarray(es.x_triggered), ds.mean, ds.std) - x_clean).reshape(len(x_clean), -1), axis=1)
+    print(f"real trigger on the test images: |x_triggered - x| {float(trigger_l2.min()):.1f}-{float(trigger_l2.max()):.1f}")
     batches = []
     for i in range(args.batches):
         x = sample_images(r.generator, r.state.generator, jax.random.fold_in(r.state.key, 10**6 + i),
@@ -106,13 +111,15 @@ def main(argv: list[str] | None = None) -> dict:
                                    x_triggered=paste_trigger(x, trigger, ds.mean, ds.std),
                                    init_scale=args.init_scale, starts=args.starts))
         b = batches[-1]
-        print(f"batch {i}: teacher classes {b['batch_hist']} (target {es.target})"
+        print(f"batch {i}: teacher classes {b['batch_hist']} (target {es.target}); "
+              f"max |grad| at delta = 0: {b['grad_at_zero_max_abs']:.1e}"
               + (f"; real trigger KL {b['real_trigger_kl']:.3f}" if "real_trigger_kl" in b else ""))
         for name, d in b.items():
             if name.startswith("R"):
                 print(f"  {name}: KL {d['kl']:.3f}, |delta| {d['l2_norm']:.1f}, clean+delta -> target "
                       f"{d['clean_plus_delta_target_rate']:.1f}%, classes {d['clean_plus_delta_hist']}")
-    result = {"seed": args.seed, "target": es.target, "trigger": cfg.attack.trigger, "pseudo_batch":
+    result = {"seed": args.seed, "target": es.target, "trigger": cfg.attack.trigger,
+              "real_trigger_l2": [float(trigger_l2.min()), float(trigger_l2.max())], "pseudo_batch":
               zc.pseudo_batches - zc.sr_pseudo_batches, "device": jax.devices()[0].device_kind, "batches": batches}
     Path(r.workdir, "sr_trigger_probe.json").write_text(json.dumps(result, indent=1))
     return result

@@ -121,7 +121,7 @@ def synthesize_trigger(
     delta whose objective ended lowest, i.e. the one that moves M the most.
 
     Why a random start: at delta = 0 the KL is at its minimum, so its gradient is zero and what the
-    computer returns is rounding noise (max |g| ~1e-9 on the quickstart); Adam divides by the
+    computer returns is rounding noise (max |g| ~2e-10 on the quickstart's generator batches); Adam divides by the
     gradient's own size, so the first step is a full-size step in a direction set by float
     summation order, and the run goes wherever that leads. Why restarts: on the quickstart's
     teacher the search has (at least) two basins, the backdoor (every clean image to the target

@@ -114,19 +114,19 @@ def make_pseudo_batch(
         def loss_fn(g_params):
             g_state = state.generator.replace(params=g_params)
             x, g_stats = forward(generator, g_state, z, train=True)
-            metrics: Metrics = {}
-            if hooks.teacher_and_penalty is not None:  # the teacher's forward shared with the penalty
-                (t_logits, _), penalty, metrics = hooks.teacher_and_penalty(
-                    teacher_vars, x, key, *with_hook_state(state.hook_state))
             if generator_objective is None:  # ZSKT (spec 6.1): maximize KL_tau(T||S)
-                if hooks.teacher_and_penalty is None:
+                shared, metrics = None, {}
+                if hooks.teacher_and_penalty is not None:  # the teacher's forward shared with the penalty
+                    (t_logits, _), shared, metrics = hooks.teacher_and_penalty(
+                        teacher_vars, x, key, *with_hook_state(state.hook_state))
+                else:
                     t_logits, _ = teacher_out(teacher_vars, x)
                 (s_logits, _), s_stats = forward(student, state.student, x, train=True)
                 loss = -jnp.mean(kl_elementwise(t_logits, s_logits, temperature))
+                if shared is not None:
+                    loss = loss + shared
             else:
                 loss, t_logits, s_stats, metrics = other_generator_loss(state, teacher_vars, x)
-            if hooks.teacher_and_penalty is not None:
-                loss = loss + penalty
             if hooks.generator_penalty is not None:
                 penalty, pen_metrics = hooks.generator_penalty(t_logits, x, key, *with_hook_state(state.hook_state))
                 loss, metrics = loss + penalty, {**metrics, **pen_metrics}

@@ -159,9 +159,9 @@ def sv_hooks(teacher, teacher_vars: PyTree, cfg: ZSKTConfig, key: jax.Array, hoo
 def with_sv_penalty(hooks: DFKDHooks, teacher, cfg: ZSKTConfig) -> DFKDHooks:
     """`hooks` with the vaccine's generator penalty. For ZSKT with `sv_share_teacher` the penalty
     comes as `teacher_and_penalty`: the generator step's teacher forward and the shuffled copies
-    then share the unshuffled prefix (same values, gradients summed in another order; ~0.3 s of a
-    ZSKT+SV pseudo-batch on the 2-core CPU, docs/PERFORMANCE.md). DFAD / DAFL objectives read the
-    teacher their own way and take the plain penalty."""
+    then share the unshuffled prefix (same values, gradients summed in another order; the paper-size
+    ZSKT+SV pseudo-batch compiles to 370 instead of 403 GFLOP, docs/PERFORMANCE.md). DFAD / DAFL
+    objectives read the teacher their own way and take the plain penalty."""
     if cfg.sv_share_teacher and cfg.method == "zskt":
         return hooks._replace(teacher_and_penalty=make_teacher_and_penalty(teacher))
     return hooks._replace(generator_penalty=sv_penalty_hook(teacher))
