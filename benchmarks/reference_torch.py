@@ -1,6 +1,6 @@
 """Side-by-side reference timings (issue 7): the reference's ZSKT workload re-created in PyTorch.
 
-    python -m benchmarks.reference_torch [--cases teacher_forward kd_step zskt zskt_sv [student_fwd_bwd]]
+    python -m benchmarks.reference_torch [--cases teacher_forward kd_step zskt zskt_sv zskt_sr [student_fwd_bwd]]
                                          [--threads 2] [--device cpu|cuda] [--repeats 5] [--json]
 
 Why this exists: issue 7's reference figures were taken on this machine on an earlier day, and
@@ -17,7 +17,10 @@ autograd on, so each student backward also runs back through the generator), and
 outputs are recomputed every step. One pseudo-batch = 1 generator step + 10 student steps; with
 `zskt_sv` the generator loss adds the Shuffling Vaccine penalty over an ensemble of 3 teacher
 copies whose last 5 conv kernels have permuted input channels (gradients flow through them to
-the generator, as in the reference's default).
+the generator, as in the reference's default). With `zskt_sr` every student step runs
+Self-Retrospection at the released sweeps' settings (spec 4.1: 10 Adam rounds of trigger search on
+the teacher, K = 5 fixed-point iterations, delta on 2% of the batch), with double backward through
+the student for the hypergradient, as the reference does with autograd.
 
 Needs PyTorch, which abd-jax does not depend on: install it in a separate environment
 (`python -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install torch`) and run this module with that
@@ -39,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_CASES = ("teacher_forward", "kd_step", "zskt", "zskt_sv")  # issue 7's table, without SR
+DEFAULT_CASES = ("teacher_forward", "kd_step", "zskt", "zskt_sv", "zskt_sr")  # issue 7's table
 CASES = (*DEFAULT_CASES, "student_fwd_bwd")
 
 
@@ -167,11 +170,53 @@ class Workload:
         nn.utils.clip_grad_norm_(self.student.parameters(), 5)
         self.opt_s.step()
 
-    def pseudo_batch(self) -> None:
+    def sr_student_step(self, x: torch.Tensor, rounds: int = 10, fp_iterations: int = 5) -> None:
+        """A student step with Self-Retrospection (spec 4.1, the sweeps' settings): R Adam rounds
+        (lr 0.1) of trigger search on the teacher, the fixed-point hypergradient (K iterations of
+        Phi = delta - 0.1 grad_delta L_in) of the outer KL on 2% of the batch written into the
+        student's grads, the normal KD loss accumulated on top, one unclipped Adam step."""
+        xd = x.detach()
+        with torch.no_grad():
+            t_clean = self.teacher(xd)[0]
+        delta = torch.zeros(1, *xd.shape[1:], device=self.device, requires_grad=True)
+        opt_d = torch.optim.Adam([delta], lr=0.1)
+        for _ in range(rounds):
+            loss = -kl_mean(self.teacher(xd + delta)[0], t_clean) + 1e-3 * delta.pow(2).sum()
+            opt_d.zero_grad()
+            loss.backward()
+            opt_d.step()
+        delta = delta.detach().requires_grad_(True)
+        params = [p for p in self.student.parameters()]
+        with torch.no_grad():
+            s_clean = self.student(xd)[0]  # the clean side is detached in every KL below
+        # Outer loss on x' (delta on 2% of the samples) and its two partial gradients.
+        mask = torch.zeros(xd.shape[0], 1, 1, 1, device=self.device)
+        mask[torch.randperm(xd.shape[0], device=self.device)[: max(int(0.02 * xd.shape[0]), 1)]] = 1.0
+        outer = kl_mean(self.student(xd + mask * delta)[0], s_clean)
+        g_outer = torch.autograd.grad(outer, [delta, *params], allow_unused=True)
+        g_delta, g_params = g_outer[0], [g if g is not None else torch.zeros_like(p) for g, p in zip(g_outer[1:], params)]
+        # Phi(delta, theta) with its graph kept, for the K vector-Jacobian products.
+        inner = -kl_mean(self.student(xd + delta)[0], s_clean) + 1e-3 * delta.pow(2).sum()
+        phi = delta - 0.1 * torch.autograd.grad(inner, delta, create_graph=True)[0]
+        v = torch.zeros_like(delta)
+        for _ in range(fp_iterations):
+            v = torch.autograd.grad(phi, delta, grad_outputs=v, retain_graph=True)[0] + g_delta
+        g_phi = torch.autograd.grad(phi, params, grad_outputs=v, allow_unused=True)
+        self.opt_s.zero_grad()
+        for p, go, gp in zip(params, g_params, g_phi):
+            p.grad = go + (gp if gp is not None else 0.0)
+        with torch.no_grad():
+            t_logits, t_feats = self.teacher(x)
+        s_logits, s_feats = self.student(x)
+        student_loss(s_logits, s_feats, t_logits, t_feats).backward()  # accumulates onto the SR grads
+        self.opt_s.step()
+
+    def pseudo_batch(self, sr: bool = False) -> None:
         z = torch.randn(self.batch, 100, device=self.device)
         self.generator_step(z)
         for _ in range(10):
-            self.student_step(self.gen(z))  # the reference's loader re-runs G(z), autograd on
+            x = self.gen(z)  # the reference's loader re-runs G(z), autograd on
+            self.sr_student_step(x) if sr else self.student_step(x)
 
     def kd_step(self) -> None:
         self.student_step(self.x)
@@ -205,7 +250,8 @@ def run_case(case: str, batch: int, repeats: int, device: str = "cpu") -> dict:
     torch.manual_seed(0)
     work = Workload(batch, sv=case == "zskt_sv", device=device)
     fn = {"teacher_forward": work.teacher_forward, "kd_step": work.kd_step,
-          "zskt": work.pseudo_batch, "zskt_sv": work.pseudo_batch, "student_fwd_bwd": work.student_fwd_bwd}[case]
+          "zskt": work.pseudo_batch, "zskt_sv": work.pseudo_batch,
+          "zskt_sr": lambda: work.pseudo_batch(sr=True), "student_fwd_bwd": work.student_fwd_bwd}[case]
     sync = torch.cuda.synchronize if work.device.type == "cuda" else (lambda: None)
     row = {"case": case, "impl": "pytorch-reference-workload", "batch": batch, "device": str(work.device),
            **time_calls(fn, repeats, sync)}

@@ -7,7 +7,9 @@ batch 128, 32x32x3 images, 1 generator + 10 student steps per ZSKT pseudo-batch.
 Per case: compile time (for the host-looped SR pseudo-batch: its first call minus one steady
 call), median / min / max of the steady-state wall time over `--repeats` calls, the FLOP count
 XLA's cost analysis gives for the compiled step (for SR: the same pseudo-batch lowered unrolled,
-not compiled), the achieved GFLOP/s, XLA's buffer sizes for the step, and the process's peak RSS
+not compiled; on a GPU the compiled count leaves out the convolutions handed to cuDNN, so there
+it and the GFLOP/s are far too low: take the FLOP count from a CPU run of the same case), the
+achieved GFLOP/s, XLA's buffer sizes for the step, and the process's peak RSS
 so far. Random weights (speed does not depend on them); the same script runs unchanged on a GPU.
 `--json` prints one JSON object per case with `median_ms`, `min_ms`, `max_ms`.
 """
