@@ -3,7 +3,8 @@
 
 Trains (or reuses, from DIR/teacher) the quickstart's poisoned teacher, runs the quickstart's ZSKT
 (with `--sv` the ZSKT+SV run) up to pseudo-batch N - k once, then resumes it with SR once per
-variant (each a comma-separated list of `ZSKTConfig` SR fields: sr_ prefix optional), and prints
+variant (each a comma-separated list of `ZSKTConfig` fields, the SR ones without their sr_ prefix
+if you like; e.g. lr_generator=0 freezes the generator during SR), and prints
 and appends to DIR/sr_sweep.jsonl the final Acc / ASR / clean target rate of each, beside the
 plain (no-SR) ending, with the ASR after every SR pseudo-batch (`asr_curve`: one final number
 hides how much it moves) and how much the trigger SR starts from is the teacher's backdoor
@@ -40,11 +41,13 @@ from experiments.configs.quickstart import get_config
 
 
 def parse_variant(spec: str) -> dict:
-    """"portion=0.5,rounds=20" -> {"sr_portion": 0.5, "sr_rounds": 20}."""
+    """"portion=0.5,rounds=20" -> {"sr_portion": 0.5, "sr_rounds": 20}; a key that names a
+    `ZSKTConfig` field is kept as it is ("lr_generator=0": the generator frozen during SR)."""
+    fields = {f.name for f in dataclasses.fields(ZSKTConfig)}
     out = {}
     for item in filter(None, spec.split(",")):
         key, value = item.split("=")
-        key = key if key.startswith("sr_") else f"sr_{key}"
+        key = key if key.startswith("sr_") or key in fields else f"sr_{key}"
         try:
             out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
         except ValueError:  # e.g. trigger_model=student
