@@ -27,6 +27,7 @@ def get_config(arg: str | None = None):
 SR_COEF = 50.0
 SR_INIT_SCALE = 1e-3
 SR_RESTARTS = 4
+SR_RESUME_LR = 1e-3
 SV_VERIFY_AFTER = 50
 
 
@@ -44,6 +45,11 @@ def add_abd_settings(c, smoke: bool) -> None:
     # random-start setting found one that is (100%); docs/ABD_SR.md "Where the trigger search starts".
     c.zskt.sr_init_scale = SR_INIT_SCALE
     c.zskt.sr_restarts = 1 if smoke else SR_RESTARTS  # smoke: one start (compile time)
+    # The SR phase's fresh Adam at 1e-3 (the reference's sweeps: 5e-4 or 1e-4): from the same
+    # resumed states, 5e-4 / 1e-3 / 2e-3 ended at 54.7 / 41.1 / 33.0% ASR on seed 0 (Acc 91.6 / 90.0
+    # / 86.7, plain ending 92.9) and 14.8 / 11.6 / 10.6% on seed 5 (90.4 / 90.9 / 89.8, plain
+    # 91.1); 2e-3 costs seed 0 more than 5 points of Acc. docs/ABD_SR.md.
+    c.zskt.sr_resume_lr = SR_RESUME_LR
     # SV only where a proper vaccine is found (the paper's policy, spec 3.4), with the ZSKT-GTSRB
     # sweep's P = 50: the vanilla run's first 50 pseudo-batches are the warm-up, and a rejected
     # vaccine makes the SV rows the vanilla rows (distill_zskt_ablation). The smoke run is too
