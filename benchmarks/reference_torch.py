@@ -20,7 +20,9 @@ copies whose last 5 conv kernels have permuted input channels (gradients flow th
 the generator, as in the reference's default). With `zskt_sr` every student step runs
 Self-Retrospection at the released sweeps' settings (spec 4.1: 10 Adam rounds of trigger search on
 the teacher, K = 5 fixed-point iterations, delta on 2% of the batch), with double backward through
-the student for the hypergradient, as the reference does with autograd.
+the student for the hypergradient, as the reference does with autograd. One saving the reference
+does not make, which favours PyTorch: the trigger search's clean logits are computed once per
+student step, not in every round.
 
 Needs PyTorch, which abd-jax does not depend on: install it in a separate environment
 (`python -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install torch`) and run this module with that
