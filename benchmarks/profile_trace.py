@@ -26,9 +26,7 @@ from collections.abc import Iterable
 
 import jax
 
-from abd_jax.kd.zskt_train import build_zskt
-from abd_jax.models import get_model, init_model
-from benchmarks.suite import _geometry, _zskt_cfg
+from benchmarks.suite import setup, zskt_step
 
 CASES = ("zskt", "zskt_sv")
 
@@ -71,15 +69,6 @@ def summarize(events: list[dict], calls: int, top: int = 15) -> dict:
                            for (p, n), t in ranked]}
 
 
-def build_case(case: str, args):
-    """(step, state, teacher variables) of a ZSKT pseudo-batch case, as benchmarks.suite builds it."""
-    ds = _geometry(args.size)
-    teacher = get_model(args.teacher, 10)
-    tvars = init_model(teacher, jax.random.key(0), ds.image_shape)
-    _, _, state, step = build_zskt(teacher, ds, _zskt_cfg(args, sv=case == "zskt_sv"), seed=0, teacher_vars=tvars)
-    return jax.jit(step, donate_argnums=(0,)), state, tvars
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", default="zskt", choices=CASES)
@@ -91,7 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="/tmp/abd_jax_profile")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    step, state, tvars = build_case(args.case, args)
+    ds, teacher, tvars = setup(args)
+    step, state = zskt_step(args, ds, teacher, tvars, sv=args.case == "zskt_sv")
+    step = jax.jit(step, donate_argnums=(0,))
     state, m = step(state, tvars)  # compile + one warm call, outside the trace
     jax.block_until_ready((state, m))
     options = jax.profiler.ProfileOptions()

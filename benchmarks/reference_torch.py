@@ -188,7 +188,7 @@ class Workload:
             loss.backward()
             opt_d.step()
         delta = delta.detach().requires_grad_(True)
-        params = [p for p in self.student.parameters()]
+        params = list(self.student.parameters())
         with torch.no_grad():
             s_clean = self.student(xd)[0]  # the clean side is detached in every KL below
         # Outer loss on x' (delta on 2% of the samples) and its two partial gradients.

@@ -49,6 +49,13 @@ def _geometry(size: int) -> Dataset:
                    num_classes=10, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
+def setup(args):
+    """The geometry, the teacher model and its (random) variables every case shares."""
+    ds = _geometry(args.size)
+    teacher = get_model(args.teacher, 10)
+    return ds, teacher, init_model(teacher, jax.random.key(0), ds.image_shape)
+
+
 def cost_flops(lowered_or_compiled) -> float | None:
     """XLA's FLOP estimate (best effort: None where the backend gives none). Loop bodies are
     counted once, so only loop-free (unrolled) steps give a whole-step count."""
@@ -131,8 +138,15 @@ def _zskt_cfg(args, **kw) -> ZSKTConfig:
     return ZSKTConfig(pseudo_batches=1000, batch_size=args.batch, student=args.student, **kw)
 
 
-def case_zskt(args, ds, teacher, tvars, sv: bool = False) -> dict:
+def zskt_step(args, ds, teacher, tvars, sv: bool = False):
+    """(pseudo-batch function, state) of the ZSKT case at the suite's configuration (also what
+    benchmarks.profile_trace traces)."""
     _, _, state, step = build_zskt(teacher, ds, _zskt_cfg(args, sv=sv), seed=0, teacher_vars=tvars)
+    return step, state
+
+
+def case_zskt(args, ds, teacher, tvars, sv: bool = False) -> dict:
+    step, state = zskt_step(args, ds, teacher, tvars, sv)
     return time_jitted(step, state, tvars, args.repeats)
 
 
@@ -169,9 +183,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    ds = _geometry(args.size)
-    teacher = get_model(args.teacher, 10)
-    tvars = init_model(teacher, jax.random.key(0), ds.image_shape)
+    ds, teacher, tvars = setup(args)
     rows = []
     for case in args.cases:
         r = RUNNERS[case](args, ds, teacher, tvars)
