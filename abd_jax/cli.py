@@ -55,6 +55,9 @@ def main(argv: list[str]) -> None:
 
 
 def run() -> None:
+    from abd_jax.xla_cpu import use_eigen_convolutions
+
+    use_eigen_convolutions()  # before the first computation: XLA reads its flags once
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import sys
 import time
@@ -191,7 +192,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = {"case": case, "size": args.size, "batch": args.batch, "teacher": args.teacher,
                "student": args.student, **r, "gflop_per_s": round(gflops, 1) if gflops else None,
                "peak_rss_mib": peak_rss_mib(), "device": jax.devices()[0].device_kind,
-               "backend": jax.default_backend(), "jax": jax.__version__}
+               "backend": jax.default_backend(), "jax": jax.__version__,
+               "xla_flags": os.environ.get("XLA_FLAGS", "")}
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)
@@ -204,4 +206,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
+    from abd_jax.xla_cpu import use_eigen_convolutions
+
+    use_eigen_convolutions()  # before the first computation: XLA reads its flags once
     main()

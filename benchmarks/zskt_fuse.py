@@ -61,4 +61,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from abd_jax.xla_cpu import use_eigen_convolutions
+
+    use_eigen_convolutions()  # before the first computation: XLA reads its flags once
     main()

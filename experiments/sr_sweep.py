@@ -145,4 +145,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
+    from abd_jax.xla_cpu import use_eigen_convolutions
+
+    use_eigen_convolutions()  # before the first computation: XLA reads its flags once
     main()

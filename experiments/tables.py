@@ -495,7 +495,9 @@ def main(argv: list[str] | None = None) -> dict:
 def run() -> None:
     """The console entry: SIGTERM writes a checkpoint and exits with 143 (rerun with --resume)."""
     from abd_jax.resume import run_preemptible
+    from abd_jax.xla_cpu import use_eigen_convolutions
 
+    use_eigen_convolutions()  # before the first computation: XLA reads its flags once
     run_preemptible(main)
 
 

@@ -22,6 +22,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 # Set the flag yourself in XLA_FLAGS to test another level.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+# The convolution path of the entry points (abd_jax/xla_cpu.py), so tests run what users run.
+from abd_jax.xla_cpu import use_eigen_convolutions  # noqa: E402
+
+use_eigen_convolutions()
 
 from hypothesis import settings  # noqa: E402
 
