@@ -4,7 +4,8 @@
 Trains (or reuses, from DIR/teacher) the quickstart's poisoned teacher, runs the quickstart's ZSKT
 (with `--sv` the ZSKT+SV run) up to pseudo-batch N - k once, then resumes it with SR once per
 variant (each a comma-separated list of `ZSKTConfig` fields, the SR ones without their sr_ prefix
-if you like; e.g. lr_generator=0 freezes the generator during SR), and prints
+if you like; e.g. lr_generator=0 freezes the generator during SR, bn_replay=true replays the SR
+forwards' BN running-stat updates), and prints
 and appends to DIR/sr_sweep.jsonl the final Acc / ASR / clean target rate of each, beside the
 plain (no-SR) ending, with the ASR after every SR pseudo-batch (`asr_curve`: one final number
 hides how much it moves) and how much the trigger SR starts from is the teacher's backdoor
@@ -48,6 +49,9 @@ def parse_variant(spec: str) -> dict:
     for item in filter(None, spec.split(",")):
         key, value = item.split("=")
         key = key if key.startswith("sr_") or key in fields else f"sr_{key}"
+        if value.lower() in ("true", "false"):  # e.g. bn_replay=true
+            out[key] = value.lower() == "true"
+            continue
         try:
             out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
         except ValueError:  # e.g. trigger_model=student
@@ -61,7 +65,7 @@ def trigger_target_rates(teacher, tvars, student, s_vars, x_gen: jax.Array, eval
     `student_sr_prepare` does, from the generator batch `x_gen`, then added to the evaluation's clean
     non-target images; the share of them the teacher (and the student) then send to the target.
     The real trigger sends the teacher's 100% there; clean images about 0-2%."""
-    _, prepare = sr_hook(teacher, student, cfg)  # the SR phase's own trigger synthesis
+    _, prepare, _ = sr_hook(teacher, student, cfg)  # the SR phase's own trigger synthesis
     delta = prepare(tvars, x_gen)
     x = normalize(jnp.asarray(eval_sets.x_triggered_clean), mean, std) + delta
     rates = {}

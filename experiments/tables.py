@@ -126,7 +126,7 @@ def source_row(column: str, abd_parts: dict) -> str:
 # made after.
 LATER_FIELDS = {"ood": {"sv_push_cap": "none"}}
 LATER_FIELDS_EVERY_METHOD = {"sv_share_prefix": False, "sv_share_teacher": False, "generator_upsample": "separate",
-                             "sr_init_scale": 0.0, "sr_restarts": 1}
+                             "sr_init_scale": 0.0, "sr_restarts": 1, "sr_bn_replay": False}
 
 
 def _section_for_key(cfg, method: str, uses_sv: bool, uses_sr: bool = True) -> dict:
@@ -140,8 +140,8 @@ def _section_for_key(cfg, method: str, uses_sv: bool, uses_sr: bool = True) -> d
         section.pop("sv_share_teacher", None)
     if section.get("synthesizer") == "deepinversion":  # inverts images directly: no generator
         section.pop("generator_upsample", None)
-    if not uses_sr:  # where SR's trigger search starts matters only where SR runs
-        for field in ("sr_init_scale", "sr_restarts"):
+    if not uses_sr:  # where SR's trigger search starts (and its BN replay) matters only where SR runs
+        for field in ("sr_init_scale", "sr_restarts", "sr_bn_replay"):
             section.pop(field, None)
     return section
 

@@ -96,7 +96,7 @@ def test_sr_init_scale_reaches_the_trigger_search(setup):
     x = jax.random.normal(jax.random.key(0), (4, *ds.image_shape))
     starts = {}
     for scale in (0.0, 1e-3):
-        _, prepare = sr_hook(teacher, teacher, dataclasses.replace(CFG, sr_init_scale=scale, sr_rounds=0))
+        _, prepare, _ = sr_hook(teacher, teacher, dataclasses.replace(CFG, sr_init_scale=scale, sr_rounds=0))
         starts[scale] = prepare(tvars, x)
     assert float(jnp.max(jnp.abs(starts[0.0]))) == 0.0
     assert 0.0 < float(jnp.std(starts[1e-3])) < 2e-3
@@ -123,6 +123,26 @@ def test_sr_zero_coef_equals_plain_resume_and_nonzero_differs(setup):
     assert _changed(s_off.student.params, s_on.student.params)
 
 
+def test_sr_bn_replay_moves_only_the_running_statistics(setup):
+    """sr_bn_replay (the default): the reference's SR forwards move the BN running averages before the KD forward
+    (spec 4.1). Train-mode BN normalizes with each batch's own statistics, so the parameters are those
+    of the run without the replay (up to rounding); only the running statistics differ."""
+    from abd_jax.kd.zskt_train import sr_hook
+
+    ds, teacher, tvars = setup
+    student, generator, state, _ = build_zskt(teacher, ds, CFG, seed=0, teacher_vars=tvars)
+    assert CFG.sr_bn_replay and sr_hook(teacher, student, CFG)[2] is not None
+    ends = {}
+    for replay in (False, True):
+        cfg = dataclasses.replace(CFG, sr_bn_replay=replay)
+        sr_state, sr_step = sr_phase(teacher, student, generator, state, cfg, DFKDHooks())
+        ends[replay], _ = jax.jit(sr_step)(sr_state, tvars)
+    chex.assert_trees_all_close(ends[True].student.params, ends[False].student.params, rtol=1e-5, atol=1e-6)
+    assert _changed(ends[True].student.batch_stats, ends[False].student.batch_stats)
+    # No replay with a student-made trigger (it is synthesized inside the SR gradient).
+    assert sr_hook(teacher, student, dataclasses.replace(CFG, sr_trigger_model="student"))[2] is None
+
+
 def test_sr_prepared_teacher_trigger_equals_one_call_retrospect(setup):
     """ZSKT synthesizes the teacher's trigger once per pseudo-batch (`student_sr_prepare`) and
     reuses it for the 10 student steps; that must equal `retrospect` synthesizing it per step."""
@@ -131,7 +151,7 @@ def test_sr_prepared_teacher_trigger_equals_one_call_retrospect(setup):
 
     ds, teacher, tvars = setup
     student, _, state, _ = build_zskt(teacher, ds, CFG, seed=0, teacher_vars=tvars)
-    student_sr, prepare = sr_hook(teacher, student, CFG)
+    student_sr, prepare, _ = sr_hook(teacher, student, CFG)
     assert prepare is not None
     x = jax.random.normal(jax.random.key(5), (CFG.batch_size, *ds.image_shape))
     key = jax.random.key(6)

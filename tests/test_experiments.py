@@ -24,6 +24,7 @@ def test_sr_variant_parsing():
     assert parse_variant("portion=0.5,rounds=20") == {"sr_portion": 0.5, "sr_rounds": 20}
     assert parse_variant("sr_coef=50,trigger_model=student") == {"sr_coef": 50, "sr_trigger_model": "student"}
     assert parse_variant("coef=50,lr_generator=0") == {"sr_coef": 50, "lr_generator": 0}
+    assert parse_variant("bn_replay=true,coef=50") == {"sr_bn_replay": True, "sr_coef": 50}
 
 
 def test_quickstart_set_reaches_the_zskt_config_and_refuses_unknown_fields(tmp_path):

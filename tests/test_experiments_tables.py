@@ -114,6 +114,14 @@ def test_fields_that_change_float_order_key_only_the_rows_they_change():
     random_start.sections.zskt.sr_init_scale, random_start.sections.zskt.sr_restarts = 2e-3, 2
     changed = {c for c in columns if tables.row_key(cfg, c, t.abd_parts) != tables.row_key(random_start, c, t.abd_parts)}
     assert changed == {"zskt+sr", "zskt+abd"}
+    # sr_bn_replay: on by default, it keys only the ZSKT rows that run SR; off, a row keeps the key it
+    # had before the field existed
+    no_replay, before_field = cfg.copy_and_resolve_references(), cfg.copy_and_resolve_references()
+    no_replay.sections.zskt.sr_bn_replay = False
+    del before_field.sections.zskt["sr_bn_replay"]
+    changed = {c for c in columns if tables.row_key(cfg, c, t.abd_parts) != tables.row_key(no_replay, c, t.abd_parts)}
+    assert changed == {"zskt+sr", "zskt+abd"}
+    assert all(tables.row_key(no_replay, c, t.abd_parts) == tables.row_key(before_field, c, t.abd_parts) for c in columns)
 
 
 def test_set_changes_a_field_with_its_type_and_names_the_fix():

@@ -37,6 +37,9 @@ StudentExtraGrads = Callable[[Any, Any, jax.Array, jax.Array, Any], Any]
 # (teacher_variables, x) -> anything the SR gradient needs that depends on the images only (the
 # teacher-synthesized trigger): computed once per image batch, not once per student step.
 StudentSRPrepare = Callable[[Any, jax.Array], Any]
+# (student_variables, x, key, prepared) -> the student's BN `batch_stats` after the reference's SR
+# forwards (reference-faithful running statistics, spec 4.1): the method's KD forward starts from them.
+StudentSRStats = Callable[[Any, jax.Array, jax.Array, Any], Any]
 
 
 class DFKDHooks(NamedTuple):
@@ -55,6 +58,9 @@ class DFKDHooks(NamedTuple):
     student_sr_prepare: the part of `student_sr` that depends only on the images (and the frozen
       teacher): ZSKT takes 10 student steps on one image batch, so it runs this once per
       pseudo-batch and hands the result to every `student_sr` call of that batch.
+    student_sr_stats: the BN running statistics that the reference's SR forwards leave behind
+      (`abd.sr_running_stats`); a method that calls it runs its KD forward from them, so the running
+      averages move as in the reference. Absent: only the KD forwards move them.
 
     A hook whose behaviour depends on state that changes during a run (the vaccine's shuffled
     copies and coefficient) receives it as a trailing `hook_state` argument: the method carries
@@ -67,6 +73,7 @@ class DFKDHooks(NamedTuple):
     student_sr: StudentExtraGrads | None = None
     student_sr_prepare: StudentSRPrepare | None = None
     teacher_and_penalty: TeacherAndPenalty | None = None  # last: positional construction unchanged
+    student_sr_stats: StudentSRStats | None = None  # after it, for the same reason
 
 
 def with_hook_state(hook_state: Any) -> tuple[Any, ...]:

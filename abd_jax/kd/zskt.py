@@ -149,8 +149,14 @@ def make_pseudo_batch(
 
     def student_step(s_state: TrainState, x: jax.Array, t_logits: jax.Array, t_feats, key: jax.Array,
                      teacher_vars: PyTree, prepared: Any = None):
+        k_sr = jax.random.fold_in(key, s_state.step)
+        sr_vars = {"params": s_state.params, "batch_stats": s_state.batch_stats}
+        kd_state = s_state
+        if hooks.student_sr_stats is not None:  # the SR forwards' running statistics come first, as in the reference
+            kd_state = s_state.replace(batch_stats=hooks.student_sr_stats(sr_vars, x, k_sr, prepared))
+
         def loss_fn(params):
-            (s_logits, s_feats), stats = forward(student, s_state.replace(params=params), x, train=True)
+            (s_logits, s_feats), stats = forward(student, kd_state.replace(params=params), x, train=True)
             if student_loss is None:
                 loss, parts = kd_loss(t_logits, t_feats, s_logits, s_feats, temperature=temperature, beta=beta)
             else:
@@ -160,13 +166,10 @@ def make_pseudo_batch(
         (loss, (stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(s_state.params)
         extra = {}
         if hooks.student_sr is not None:  # Self-Retrospection: an extra gradient, spec 4.1
-            k_sr = jax.random.fold_in(key, s_state.step)
-            bs = s_state.batch_stats
             # Computed here and passed as `sr_grads`, not as `sr_grad_fn`: a built SR phase always
             # runs SR, and the transform's lax.cond around `sr_grad_fn` made the same work 7x
             # slower on XLA:CPU (docs/ABD_SR.md, "Speed").
-            extra["sr_grads"] = hooks.student_sr({"params": s_state.params, "batch_stats": bs}, teacher_vars, x,
-                                                 k_sr, prepared)
+            extra["sr_grads"] = hooks.student_sr(sr_vars, teacher_vars, x, k_sr, prepared)
         return apply_gradients(s_state, student_tx, grads, stats, **extra), {"loss_s": loss, **parts}
 
     def generator_half(state: ZSKTState, teacher_vars: PyTree):

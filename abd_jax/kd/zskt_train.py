@@ -21,6 +21,7 @@ from abd_jax.abd.options import ABDOptions
 from abd_jax.abd.self_retrospection import (
     retrospect,
     sr_grads,
+    sr_running_stats,
     sr_resume_optimizer,
     synthesize_trigger,
     train_mode_apply,
@@ -102,6 +103,12 @@ class ZSKTConfig(ABDOptions):
     # How the SR phase's pseudo-batch is compiled: "host" jits one SR student step and loops over
     # it in Python (compiles in ~1/10 of the time of "unroll", same values); see make_pseudo_batch.
     sr_fuse: str = "host"
+    # True: each SR student step first replays the BN running-stat updates of the reference's 4
+    # train-mode SR forwards (`abd.sr_running_stats`: x, x', x, x + delta), and the KD forward starts
+    # from them, as in the reference (spec 4.1). False: only the KD forwards move the running
+    # statistics, as before 2026-11-28 (docs/ABD_SR.md). Applies with sr_trigger_model "teacher";
+    # with a student-made trigger (synthesized inside the SR gradient) there is no replay.
+    sr_bn_replay: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -177,7 +184,7 @@ def sv_penalty_hook(teacher):
 
 
 def sr_hook(teacher, student, cfg: ZSKTConfig):
-    """The Self-Retrospection hooks (spec 4.1): `(student_sr, student_sr_prepare)`.
+    """The Self-Retrospection hooks (spec 4.1): `(student_sr, student_sr_prepare, student_sr_stats)`.
 
     With the teacher as trigger model (the released sweeps) the trigger depends only on the images
     and the frozen teacher, so `student_sr_prepare` synthesizes it once per pseudo-batch and
@@ -208,7 +215,11 @@ def sr_hook(teacher, student, cfg: ZSKTConfig):
             grads, _ = sr_grads(student_apply, student_vars, x, delta, key, **kw)
         return grads
 
-    return student_sr, (prepare if cfg.sr_trigger_model == "teacher" else None)
+    def student_sr_stats(student_vars: PyTree, x: jax.Array, key: jax.Array, delta: jax.Array) -> PyTree:
+        return sr_running_stats(student, student_vars, x, delta, key, portion=cfg.sr_portion)
+
+    return (student_sr, prepare if cfg.sr_trigger_model == "teacher" else None,
+            student_sr_stats if cfg.sr_bn_replay and cfg.sr_trigger_model == "teacher" else None)
 
 
 def _lr(cfg: ZSKTConfig, base: float, updates_per_pb: int):
@@ -286,8 +297,8 @@ def sr_phase(teacher, student, generator, state: ZSKTState, cfg: ZSKTConfig, hoo
                                updates_per_step=cfg.n_student_steps, coef=cfg.sr_coef)
     student_state = state.student.replace(opt_state=s_tx.init(state.student.params))
     g_tx = _generator_tx(cfg)  # the same transformation as before the resume: its state carries on
-    student_sr, prepare = sr_hook(teacher, student, cfg)
-    hooks = hooks._replace(student_sr=student_sr, student_sr_prepare=prepare)
+    student_sr, prepare, sr_stats = sr_hook(teacher, student, cfg)
+    hooks = hooks._replace(student_sr=student_sr, student_sr_prepare=prepare, student_sr_stats=sr_stats)
     step = _pseudo_batch_fn(teacher, student, generator, s_tx, g_tx, cfg, hooks, fuse=cfg.sr_fuse)
     return state.replace(student=student_state), step
 
