@@ -2,7 +2,7 @@
 
 jaxlib 0.10 hands large convolutions to YNNPACK by default. On the project's 2-core AVX-512
 machine, XLA's other convolution path (Eigen's) ran the WRN teacher's forward pass in 160-185 ms
-instead of 238-284 ms and the KD step in 427-468 ms instead of 512-598 ms (2026-11-28,
+instead of 235-242 ms and the KD step in 427-468 ms instead of 509-535 ms (2026-11-28,
 `benchmarks.suite`). `--xla_cpu_experimental_ynn_fusion_type=individual_dot` keeps YNNPACK for
 matrix products and leaves convolutions to Eigen.
 
