@@ -1,6 +1,6 @@
 """Where a step's time goes: a profiler trace of one benchmark case, summarized (issue 7).
 
-    python -m benchmarks.profile_trace [--case zskt] [--calls 5] [--batch 128] [--out DIR] [--json]
+    python -m benchmarks.profile_trace [--case zskt|zskt_sv|student_fwd_bwd] [--calls 5] [--batch 128] [--out DIR] [--json]
 
 Builds the case as `benchmarks.suite` does (paper configuration by default), compiles and runs it
 once, then records `--calls` calls with `jax.profiler.trace(create_perfetto_trace=True)` (a
@@ -26,9 +26,10 @@ from collections.abc import Iterable
 
 import jax
 
-from benchmarks.suite import setup, zskt_step
+from benchmarks.suite import setup, student_fwd_bwd_step, zskt_step
 
-CASES = ("zskt", "zskt_sv")
+# student_fwd_bwd: on XLA:CPU the part of the KD step furthest behind PyTorch (docs/PERFORMANCE.md)
+CASES = ("zskt", "zskt_sv", "student_fwd_bwd")
 
 
 def busy_time(intervals: Iterable[tuple[float, float]]) -> float:
@@ -81,16 +82,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     ds, teacher, tvars = setup(args)
-    step, state = zskt_step(args, ds, teacher, tvars, sv=args.case == "zskt_sv")
-    step = jax.jit(step, donate_argnums=(0,))
-    state, m = step(state, tvars)  # compile + one warm call, outside the trace
+    if args.case == "student_fwd_bwd":
+        step, state, const = student_fwd_bwd_step(args, ds)
+        step = jax.jit(step)
+    else:
+        step, state = zskt_step(args, ds, teacher, tvars, sv=args.case == "zskt_sv")
+        step, const = jax.jit(step, donate_argnums=(0,)), tvars
+    state, m = step(state, const)  # compile + one warm call, outside the trace
     jax.block_until_ready((state, m))
     options = jax.profiler.ProfileOptions()
     options.python_tracer_level = 0  # XLA's and the runtime's events, not every Python frame
     with jax.profiler.trace(args.out, create_perfetto_trace=True, profiler_options=options):
         t0 = time.perf_counter()
         for _ in range(args.calls):
-            state, m = step(state, tvars)
+            state, m = step(state, const)
             jax.block_until_ready((state, m))
         wall_ms = 1000 * (time.perf_counter() - t0) / args.calls  # before the trace is written out
     trace = max(glob.glob(f"{args.out}/**/perfetto_trace.json.gz", recursive=True))  # the newest run's

@@ -108,9 +108,9 @@ def case_teacher_forward(args, ds, teacher, tvars) -> dict:
     return time_jitted(fwd, x, tvars, args.repeats, donate=False)
 
 
-def case_student_fwd_bwd(args, ds, teacher, tvars) -> dict:
-    """The student's forward + backward in train mode (parameter gradients of a scalar of its
-    logits): the part of the KD step that differs most between XLA:CPU and PyTorch."""
+def student_fwd_bwd_step(args, ds):
+    """(function, images, student variables) of the student_fwd_bwd case, in the timer's
+    (state, const) shape (also what benchmarks.profile_trace traces)."""
     student = get_model(args.student, 10)
     svars = init_model(student, jax.random.key(2), ds.image_shape)
     x = jax.random.normal(jax.random.key(1), (args.batch, *ds.image_shape))
@@ -122,7 +122,14 @@ def case_student_fwd_bwd(args, ds, teacher, tvars) -> dict:
 
         return x, jax.grad(loss)(sv["params"])
 
-    return time_jitted(grads, x, svars, args.repeats, donate=False)
+    return grads, x, svars
+
+
+def case_student_fwd_bwd(args, ds, teacher, tvars) -> dict:
+    """The student's forward + backward in train mode (parameter gradients of a scalar of its
+    logits): the part of the KD step that differs most between XLA:CPU and PyTorch."""
+    fn, x, svars = student_fwd_bwd_step(args, ds)
+    return time_jitted(fn, x, svars, args.repeats, donate=False)
 
 
 def case_kd_step(args, ds, teacher, tvars) -> dict:
