@@ -6,18 +6,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def _parse_like(old, raw: str, what: str):
-    """`raw` as a value of `old`'s type (bool, int, float or str)."""
+def parse_like(old, raw: str, what: str, flag: str = "--set"):
+    """`raw` as a value of `old`'s type (bool, int, float or str); errors name `flag` and `what`."""
     if isinstance(old, bool):
         if raw.lower() not in ("true", "false"):
-            raise ValueError(f"--set {what}={raw}: {what} is a bool; write True or False")
+            raise ValueError(f"{flag} {what}={raw}: {what} is a bool; write True or False")
         return raw.lower() == "true"
     if isinstance(old, (int, float, str)):
         try:
             return type(old)(raw)
         except ValueError:
-            raise ValueError(f"--set {what}={raw}: not a valid {type(old).__name__} for {what}") from None
-    raise ValueError(f"--set {what}: a {type(old).__name__} field cannot be set from the command line; "
+            raise ValueError(f"{flag} {what}={raw}: not a valid {type(old).__name__} for {what}") from None
+    raise ValueError(f"{flag} {what}: a {type(old).__name__} field cannot be set from the command line; "
                      "write a table config instead")
 
 
@@ -38,4 +38,4 @@ def apply_overrides(cfg, overrides: Sequence[str]) -> None:
             node = node[name]
         if field not in node:
             raise ValueError(f"--set {path}: no field {field!r} there; it has: {', '.join(sorted(node.keys()))}")
-        node[field] = _parse_like(node[field], raw, path)
+        node[field] = parse_like(node[field], raw, path)

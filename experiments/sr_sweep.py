@@ -39,23 +39,20 @@ from abd_jax.kd.zskt_train import ZSKTConfig, build_zskt, sr_hook, sr_phase
 from abd_jax.pipeline import EvalSets, evaluator
 from abd_jax.resume import CheckpointPolicy
 from experiments.configs.quickstart import get_config
+from experiments.overrides import parse_like
 
 
 def parse_variant(spec: str) -> dict:
     """"portion=0.5,rounds=20" -> {"sr_portion": 0.5, "sr_rounds": 20}; a key that names a
     `ZSKTConfig` field is kept as it is ("lr_generator=0": the generator frozen during SR)."""
-    fields = {f.name for f in dataclasses.fields(ZSKTConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(ZSKTConfig)}
     out = {}
     for item in filter(None, spec.split(",")):
         key, value = item.split("=")
-        key = key if key.startswith("sr_") or key in fields else f"sr_{key}"
-        if value.lower() in ("true", "false"):  # e.g. bn_replay=true
-            out[key] = value.lower() == "true"
-            continue
-        try:
-            out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:  # e.g. trigger_model=student
-            out[key] = value
+        key = key if key.startswith("sr_") or key in defaults else f"sr_{key}"
+        if key not in defaults:
+            raise ValueError(f"--variants {item!r}: ZSKTConfig has no field {key!r}")
+        out[key] = parse_like(defaults[key], value, key, flag="--variants")  # the field's own type
     return out
 
 

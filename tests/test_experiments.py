@@ -25,6 +25,11 @@ def test_sr_variant_parsing():
     assert parse_variant("sr_coef=50,trigger_model=student") == {"sr_coef": 50, "sr_trigger_model": "student"}
     assert parse_variant("coef=50,lr_generator=0") == {"sr_coef": 50, "lr_generator": 0}
     assert parse_variant("bn_replay=true,coef=50") == {"sr_bn_replay": True, "sr_coef": 50}
+    assert isinstance(parse_variant("coef=50")["sr_coef"], float)  # the field's own type
+    with pytest.raises(ValueError, match="no field 'sr_nope'"):
+        parse_variant("nope=1")
+    with pytest.raises(ValueError, match="write True or False"):
+        parse_variant("bn_replay=1")
 
 
 def test_quickstart_set_reaches_the_zskt_config_and_refuses_unknown_fields(tmp_path):
