@@ -191,6 +191,8 @@ def sr_hook(teacher, student, cfg: ZSKTConfig):
     `student_sr` computes the hypergradient from it on each student step (the same values as
     synthesizing it on every step, 10x fewer trigger rounds). With the student as trigger model
     the trigger changes with every student update and is synthesized inside `student_sr`.
+    `student_sr_stats` (with `cfg.sr_bn_replay` and the teacher's trigger; else None) replays the
+    BN running-stat updates of the reference's SR forwards before the KD forward.
     """
     if cfg.sr_trigger_model not in ("teacher", "student"):
         raise ValueError(f"sr_trigger_model must be 'teacher' or 'student', got {cfg.sr_trigger_model!r}")
@@ -218,8 +220,9 @@ def sr_hook(teacher, student, cfg: ZSKTConfig):
     def student_sr_stats(student_vars: PyTree, x: jax.Array, key: jax.Array, delta: jax.Array) -> PyTree:
         return sr_running_stats(student, student_vars, x, delta, key, portion=cfg.sr_portion)
 
-    return (student_sr, prepare if cfg.sr_trigger_model == "teacher" else None,
-            student_sr_stats if cfg.sr_bn_replay and cfg.sr_trigger_model == "teacher" else None)
+    if cfg.sr_trigger_model == "student":  # nothing to prepare, and no trigger to replay the forwards with
+        return student_sr, None, None
+    return student_sr, prepare, student_sr_stats if cfg.sr_bn_replay else None
 
 
 def _lr(cfg: ZSKTConfig, base: float, updates_per_pb: int):
