@@ -120,6 +120,8 @@ def test_sr_zero_coef_equals_plain_resume_and_nonzero_differs(setup):
     plain = jax.jit(zt._pseudo_batch_fn(teacher, student, generator, s_tx, g_tx, CFG, DFKDHooks()))
     s_plain, _ = plain(plain_state, tvars)
     chex.assert_trees_all_close(s_off.student.params, s_plain.student.params, rtol=1e-6, atol=1e-7)
+    # SR off: no BN replay either, so the running statistics are the plain run's too.
+    chex.assert_trees_all_close(s_off.student.batch_stats, s_plain.student.batch_stats, rtol=1e-6, atol=1e-7)
     assert _changed(s_off.student.params, s_on.student.params)
 
 

@@ -294,12 +294,13 @@ def test_deepinversion_sv_at_coef_zero_equals_vanilla_synthesis(setup):
 
 
 def test_sr_at_coef_zero_equals_plain_resume(setup, vanilla):
-    """SR's KD steps with coef 0 equal the same fresh resume optimizer without SR (spec 4.2), and with
-    coef 1 they differ."""
+    """SR's KD steps with coef 0 equal the same fresh resume optimizer without SR (spec 4.2), running
+    statistics included, and with coef 1 they differ. With coef 1 the BN replay of the SR forwards
+    (`sr_bn_replay`, the default) moves only the running statistics: the parameters are those
+    without the replay (train-mode BN normalizes with each batch's own statistics)."""
     ds, teacher, tvars, _ = setup
     student = vanilla.student
     state = vanilla.state  # a filled pool
-    params = {}
 
     def kd_fn(hooks):
         return (make_kd_steps(teacher, student, tx, kd_steps=CFG.kd_steps, batch_size=CFG.batch_size,
@@ -308,18 +309,28 @@ def test_sr_at_coef_zero_equals_plain_resume(setup, vanilla):
 
     tx = sr_resume_optimizer(CFG.sr_resume_lr, 1, updates_per_step=CFG.kd_steps, coef=0.0, optimizer="sgd",
                              momentum=0.9, weight_decay=1e-4)
+    assert CFG.sr_bn_replay and sr_hooks(teacher, student, CFG).student_sr_stats is not None
     plain, with_sr = kd_fn(DFKDHooks()), kd_fn(sr_hooks(teacher, student, CFG))
+    no_replay = kd_fn(sr_hooks(teacher, student, dataclasses.replace(CFG, sr_bn_replay=False)))
     s0 = state.student.replace(opt_state=tx.init(state.student.params))
-    for name, fn, coef in (("plain", plain, 0.0), ("sr0", with_sr, 0.0), ("sr1", with_sr, 1.0)):
+    ends = {}
+    for name, fn, coef in (("plain", plain, 0.0), ("sr0", with_sr, 0.0), ("sr1", with_sr, 1.0),
+                           ("sr1_no_replay", no_replay, 1.0)):
         # The SR weight is a leaf of the optimizer state: coef 0 and 1 share one compiled program.
         # Fresh buffers: the host-driven steps donate the student state.
         s = jax.tree.map(jnp.copy, s0.replace(opt_state=set_sr_coef(s0.opt_state, coef)))
         out, m = fn(s, state.synth, tvars, jax.random.key(3))
         chex.assert_tree_all_finite((out.params, m))
-        params[name] = out.params
-    _leaves_equal(params["sr0"], params["plain"])
-    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params["sr1"]),
-                                                         jax.tree.leaves(params["plain"])))
+        ends[name] = out
+    _leaves_equal(ends["sr0"].params, ends["plain"].params)
+    _leaves_equal(ends["sr0"].batch_stats, ends["plain"].batch_stats)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ends["sr1"].params),
+                                                         jax.tree.leaves(ends["plain"].params)))
+    chex.assert_trees_all_close(ends["sr1"].params, ends["sr1_no_replay"].params, rtol=1e-5, atol=1e-6)
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(ends["sr1"].batch_stats),
+                                                      jax.tree.leaves(ends["sr1_no_replay"].batch_stats)))
+    # A student-made trigger is synthesized inside the SR gradient: nothing to replay with.
+    assert sr_hooks(teacher, student, dataclasses.replace(CFG, sr_trigger_model="student")).student_sr_stats is None
 
 
 def test_resume_between_rounds_is_exact(setup, vanilla, tmp_path):

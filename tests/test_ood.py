@@ -155,6 +155,27 @@ def test_abd_at_zero_equals_plain_run(setup):
     assert set(abd.suspicion) == {"patches", "clean_test", "triggered_test"}
 
 
+def test_sr_bn_replay_moves_only_the_running_statistics(setup):
+    """OOD-KD's SR steps replay the BN running-stat updates of the reference's 4 SR forwards before
+    the KD forward (`sr_bn_replay`, the default, as `UnlearnOptimizer.step`): the parameters are
+    those without the replay (train-mode BN), the running statistics are not."""
+    ds, teacher, tvars, _ = setup
+    cfg = dataclasses.replace(CFG, steps=2, sr_steps=2, sr_rounds=1, sr_fp_iterations=1)
+    assert cfg.sr_bn_replay
+    student, state, _, source = build_ood(teacher, tvars, ds, cfg, seed=0)
+    ends = {}
+    for replay in (True, False):
+        c = dataclasses.replace(cfg, sr_bn_replay=replay)
+        s, step = sr_phase(teacher, student, state, source, ds, c, DFKDHooks())
+        step = jax.jit(step)
+        for _ in range(2):
+            s, _ = step(s, tvars)
+        ends[replay] = s.student
+    chex.assert_trees_all_close(ends[True].params, ends[False].params, rtol=1e-5, atol=1e-6)
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(ends[True].batch_stats),
+                                                      jax.tree.leaves(ends[False].batch_stats)))
+
+
 def test_sv_flagged_sample_gets_negative_weight(setup):
     ds, teacher, tvars, _ = setup
     # With 0 shuffled layers the "shuffled" copies are the teacher itself: every sample's top-1

@@ -22,6 +22,7 @@ from abd_jax.abd.self_retrospection import (
     set_sr_coef,
     sr_active,
     sr_grads,
+    sr_is_on,
     sr_resume_optimizer,
     sr_running_stats,
     sr_start_step,
@@ -295,3 +296,14 @@ def test_schedule_helpers():
     u, _ = tx.update({"w": jnp.ones(3)}, state, params, sr_grads={"w": jnp.ones(3)})
     # Adam's first step is -lr * sign(g): the schedule starts at resume_lr.
     np.testing.assert_allclose(u["w"], -5e-4 * jnp.ones(3), rtol=1e-4)
+
+
+def test_sr_is_on_reads_the_coef_of_any_chain():
+    """sr_is_on: False for an optimizer without the SR transform and for coef 0, True otherwise,
+    also under jit (it gates the BN replay of the SR forwards, kd.common.sr_stats_state)."""
+    params = {"w": jnp.ones(3)}
+    assert not bool(sr_is_on(optax.adam(1e-3).init(params)))
+    state = sr_resume_optimizer(1e-3, 4, coef=0.0).init(params)
+    assert not bool(sr_is_on(state))
+    assert bool(sr_is_on(set_sr_coef(state, 50.0)))
+    assert bool(jax.jit(sr_is_on)(set_sr_coef(state, 1.0))) and not bool(jax.jit(sr_is_on)(state))

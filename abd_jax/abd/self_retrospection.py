@@ -386,13 +386,17 @@ def retrospect(
 
 
 def batchmean_sr_hooks(teacher: nn.Module, student: nn.Module, options: Any, temperature: float):
-    """`(student_sr, student_sr_prepare)` hooks (kd.common.DFKDHooks) for SR as the CMI / OOD-KD
-    code base runs it (spec 4.1, 12.4): every KL at the method's KD `temperature`, reduced as
-    batchmean x T^2; the trigger synthesized without an L2 term; the clean side of the outer loss
-    not detached. `options`: an `abd.options.ABDOptions` (sr_rounds, sr_pert_lr, sr_l2, sr_portion,
-    sr_fp_iterations, sr_trigger_model). With the teacher as trigger model (the reference's
-    choice) `student_sr_prepare` synthesizes the trigger from the images alone; with the student it
-    is synthesized inside `student_sr` on every step."""
+    """`(student_sr, student_sr_prepare, student_sr_stats)` hooks (kd.common.DFKDHooks) for SR as
+    the CMI / OOD-KD code base runs it (spec 4.1, 12.4): every KL at the method's KD `temperature`,
+    reduced as batchmean x T^2; the trigger synthesized without an L2 term; the clean side of the
+    outer loss not detached. `options`: an `abd.options.ABDOptions` (sr_rounds, sr_pert_lr, sr_l2,
+    sr_portion, sr_fp_iterations, sr_trigger_model, sr_bn_replay). With the teacher as trigger
+    model (the reference's choice) `student_sr_prepare` synthesizes the trigger from the images
+    alone, and with `sr_bn_replay` `student_sr_stats` replays the running-stat updates of the
+    reference's 4 SR forwards (`sr_running_stats`; the reference's `UnlearnOptimizer.step` runs
+    them before its KD forward, as ZSKT's solver does). With the student as trigger model the
+    trigger is synthesized inside `student_sr` on every step, and there is nothing to replay with
+    (both None)."""
     student_apply = train_mode_apply(student)
     kl = dict(temperature=temperature, reduction="batchmean", kl_scale=temperature * temperature)
     o = options
@@ -411,7 +415,12 @@ def batchmean_sr_hooks(teacher: nn.Module, student: nn.Module, options: Any, tem
                             fp_iterations=o.sr_fp_iterations, l2=o.sr_l2, detach_clean=False, **kl)
         return grads
 
-    return student_sr, (prepare if o.sr_trigger_model == "teacher" else None)
+    def student_sr_stats(student_vars: PyTree, x: jax.Array, key: jax.Array, delta: jax.Array) -> PyTree:
+        return sr_running_stats(student, student_vars, x, delta, key, portion=o.sr_portion)
+
+    if o.sr_trigger_model != "teacher":
+        return student_sr, None, None
+    return student_sr, prepare, student_sr_stats if o.sr_bn_replay else None
 
 
 class SelfRetrospectionState(NamedTuple):
@@ -474,6 +483,14 @@ def set_sr_coef(opt_state: PyTree, coef: float | jax.Array) -> PyTree:
         return node
 
     return jax.tree.map(visit, opt_state, is_leaf=lambda n: isinstance(n, SelfRetrospectionState))
+
+
+def sr_is_on(opt_state: PyTree) -> jax.Array:
+    """Whether any SelfRetrospectionState in `opt_state` has a nonzero coef (jittable): False for
+    an optimizer without the transform, which ignores `sr_grads`."""
+    coefs = [node.coef for node in jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, SelfRetrospectionState))
+             if isinstance(node, SelfRetrospectionState)]
+    return jnp.any(jnp.stack(coefs) != 0) if coefs else jnp.asarray(False)
 
 
 # ---- schedule (spec 4.2) -------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from abd_jax.abd.self_retrospection import batchmean_sr_hooks, sr_resume_optimiz
 from abd_jax.abd.shuffle_vaccine import init_shuffle_vaccine, make_generator_penalty, suspicion_reports
 from abd_jax.augment import normalize, random_crop_flip
 from abd_jax.data.base import Dataset
-from abd_jax.kd.common import DFKDHooks, Metrics, apply_gradients, forward
+from abd_jax.kd.common import DFKDHooks, Metrics, apply_gradients, forward, sr_stats_state
 from abd_jax.kd.loop import run_steps
 from abd_jax.kd.synthesis import (
     InversionWeights,
@@ -184,15 +184,16 @@ def make_kd_steps(teacher, student, student_tx: optax.GradientTransformation, *,
         x = pool_sample(k_draw, synth.pool, synth.pool_count, batch_size)
         x = normalize(random_crop_flip(k_aug, x, pad=crop_pad, flip=flip), mean, std)
         t_logits, _ = teacher.apply(tv, x, train=False)
+        prepared = hooks.student_sr_prepare(tv, x) if hooks.student_sr_prepare is not None else None
+        kd_state = sr_stats_state(hooks, s_state, x, k_sr, prepared)  # SR's forwards come first, as in the reference
 
         def loss_fn(params):
-            (s_logits, _), stats = forward(student, s_state.replace(params=params), x, train=True)
+            (s_logits, _), stats = forward(student, kd_state.replace(params=params), x, train=True)
             return kd_batch_loss(t_logits, s_logits, temperature), stats
 
         (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(s_state.params)
         extra = {}
         if hooks.student_sr is not None:  # Self-Retrospection, spec 4.1
-            prepared = hooks.student_sr_prepare(tv, x) if hooks.student_sr_prepare is not None else None
             extra["sr_grads"] = hooks.student_sr(s_state.variables, tv, x, k_sr, prepared)
         return apply_gradients(s_state, student_tx, grads, stats, **extra), loss
 
@@ -234,8 +235,8 @@ def make_round(synthesis_round, kd) -> Any:
 def sr_hooks(teacher, student, cfg: CMIConfig) -> DFKDHooks:
     """CMI's SR (the reference's `UnlearnOptimizer`, spec 4.1) at T = kd_temperature
     (`batchmean_sr_hooks`). A new batch every KD step, so the trigger is synthesized every step."""
-    student_sr, prepare = batchmean_sr_hooks(teacher, student, cfg, cfg.kd_temperature)
-    return DFKDHooks(student_sr=student_sr, student_sr_prepare=prepare)
+    student_sr, prepare, sr_stats = batchmean_sr_hooks(teacher, student, cfg, cfg.kd_temperature)
+    return DFKDHooks(student_sr=student_sr, student_sr_prepare=prepare, student_sr_stats=sr_stats)
 
 
 def _student_tx(cfg: CMIConfig) -> optax.GradientTransformation:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from abd_jax.abd.self_retrospection import sr_is_on
 from abd_jax.losses import attention_transfer, kl_elementwise
 from abd_jax.state import TrainState
 
@@ -79,6 +80,18 @@ class DFKDHooks(NamedTuple):
 def with_hook_state(hook_state: Any) -> tuple[Any, ...]:
     """The trailing hook arguments: none when the method carries no hook state."""
     return () if hook_state is None else (hook_state,)
+
+
+def sr_stats_state(hooks: DFKDHooks, s_state: TrainState, x: jax.Array, key: jax.Array, prepared: Any) -> TrainState:
+    """The student state a method's KD forward starts from: with `hooks.student_sr_stats`, the BN
+    running statistics the reference's SR forwards leave behind, where SR is on (the optimizer's SR
+    coef nonzero). With SR off they stay as they are, so a run with every ABD coefficient 0 is the
+    plain run, running statistics included. `key` is the SR gradient's (the same perturbed subset)."""
+    if hooks.student_sr_stats is None:
+        return s_state
+    replayed = hooks.student_sr_stats(s_state.variables, x, key, prepared)
+    on = sr_is_on(s_state.opt_state)
+    return s_state.replace(batch_stats=jax.tree.map(lambda r, b: jnp.where(on, r, b), replayed, s_state.batch_stats))
 
 
 def forward(model: nn.Module, state: TrainState, x: jax.Array, *, train: bool, key: jax.Array | None = None):

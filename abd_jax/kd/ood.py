@@ -46,7 +46,7 @@ from abd_jax.abd.shuffle_vaccine import (
 from abd_jax.augment import normalize, random_crop_flip
 from abd_jax.data.base import Dataset
 from abd_jax.data.ood import PATCH_COLORS, cutmix, load_source_image, patch_style, prepare_source, sample_patches
-from abd_jax.kd.common import DFKDHooks, Metrics, apply_gradients, forward, with_hook_state
+from abd_jax.kd.common import DFKDHooks, Metrics, apply_gradients, forward, sr_stats_state, with_hook_state
 from abd_jax.kd.loop import run_steps
 from abd_jax.kd.zskt_train import ZSKTResult, samples_to_pixels
 from abd_jax.losses import kl_elementwise
@@ -207,9 +207,11 @@ def make_ood_step(
         t_logits = jax.lax.stop_gradient(teacher.apply(teacher_vars, x, train=False)[0])
         hs = with_hook_state(state.hook_state)
         weights = hooks.sample_weights(t_logits, x, *hs) if hooks.sample_weights is not None else None
+        prepared = hooks.student_sr_prepare(teacher_vars, x) if hooks.student_sr_prepare else None
+        kd_state = sr_stats_state(hooks, state.student, x, k_sr, prepared)  # SR's forwards come first, as in the reference
 
         def loss_fn(params):
-            (s_logits, _), stats = forward(student, state.student.replace(params=params), x, train=True)
+            (s_logits, _), stats = forward(student, kd_state.replace(params=params), x, train=True)
             per_sample = jnp.mean(kl_elementwise(t_logits, s_logits, cfg.temperature), axis=-1)  # [B]
             # weights None: the plain mean, the reference's reduction='mean' over B*C.
             if weights is None:
@@ -224,7 +226,6 @@ def make_ood_step(
         if weights is not None:
             metrics["sv_flagged"] = jnp.sum(weights < 0).astype(jnp.float32)
         if hooks.student_sr is not None:  # Self-Retrospection, spec 4.1
-            prepared = hooks.student_sr_prepare(teacher_vars, x) if hooks.student_sr_prepare else None
             extra["sr_grads"] = hooks.student_sr(state.student.variables, teacher_vars, x, k_sr, prepared)
         s_state = apply_gradients(state.student, tx, grads, stats, **extra)
         return state.replace(student=s_state, step=state.step + 1), metrics
@@ -232,9 +233,9 @@ def make_ood_step(
     return step
 
 
-def sr_hooks(teacher, student, cfg: OODConfig) -> tuple[Callable, Callable | None]:
-    """(student_sr, student_sr_prepare) for OOD-KD: SR as the CMI/OOD code base runs it, at
-    T = cfg.temperature (`batchmean_sr_hooks`)."""
+def sr_hooks(teacher, student, cfg: OODConfig) -> tuple[Callable, Callable | None, Callable | None]:
+    """(student_sr, student_sr_prepare, student_sr_stats) for OOD-KD: SR as the CMI/OOD code base
+    runs it, at T = cfg.temperature (`batchmean_sr_hooks`)."""
     return batchmean_sr_hooks(teacher, student, cfg, cfg.temperature)
 
 
@@ -274,8 +275,8 @@ def sr_phase(teacher, student, state: OODState, source: jax.Array, dataset: Data
     tx = sr_resume_optimizer(cfg.sr_resume_lr, cfg.sr_steps, coef=cfg.sr_coef)
     student_state = state.student.replace(opt_state=tx.init(state.student.params))
     if with_sr:
-        student_sr, prepare = sr_hooks(teacher, student, cfg)
-        hooks = hooks._replace(student_sr=student_sr, student_sr_prepare=prepare)
+        student_sr, prepare, sr_stats = sr_hooks(teacher, student, cfg)
+        hooks = hooks._replace(student_sr=student_sr, student_sr_prepare=prepare, student_sr_stats=sr_stats)
     step = make_ood_step(teacher, student, tx, source=source, mean=dataset.mean, std=dataset.std,
                          size=dataset.image_shape[0], cfg=cfg, hooks=hooks)
     return state.replace(student=student_state), step

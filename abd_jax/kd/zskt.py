@@ -23,7 +23,7 @@ import optax
 from flax import linen as nn
 from flax import struct
 
-from abd_jax.kd.common import DFKDHooks, Metrics, apply_gradients, forward, kd_loss, with_hook_state
+from abd_jax.kd.common import DFKDHooks, Metrics, apply_gradients, forward, kd_loss, sr_stats_state, with_hook_state
 from abd_jax.kd.generator_losses import GeneratorObjective, StudentLossFn, penultimate_apply
 from abd_jax.losses import kl_elementwise
 from abd_jax.parallel import constrain_batch
@@ -151,9 +151,7 @@ def make_pseudo_batch(
                      teacher_vars: PyTree, prepared: Any = None):
         k_sr = jax.random.fold_in(key, s_state.step)
         sr_vars = {"params": s_state.params, "batch_stats": s_state.batch_stats}
-        kd_state = s_state
-        if hooks.student_sr_stats is not None:  # the SR forwards' running statistics come first, as in the reference
-            kd_state = s_state.replace(batch_stats=hooks.student_sr_stats(sr_vars, x, k_sr, prepared))
+        kd_state = sr_stats_state(hooks, s_state, x, k_sr, prepared)  # SR's forwards come first, as in the reference
 
         def loss_fn(params):
             (s_logits, s_feats), stats = forward(student, kd_state.replace(params=params), x, train=True)

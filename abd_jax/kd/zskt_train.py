@@ -103,12 +103,6 @@ class ZSKTConfig(ABDOptions):
     # How the SR phase's pseudo-batch is compiled: "host" jits one SR student step and loops over
     # it in Python (compiles in ~1/10 of the time of "unroll", same values); see make_pseudo_batch.
     sr_fuse: str = "host"
-    # True: each SR student step first replays the BN running-stat updates of the reference's 4
-    # train-mode SR forwards (`abd.sr_running_stats`: x, x', x, x + delta), and the KD forward starts
-    # from them, as in the reference (spec 4.1). False: only the KD forwards move the running
-    # statistics, as before 2026-11-28 (docs/ABD_SR.md). Applies with sr_trigger_model "teacher";
-    # with a student-made trigger (synthesized inside the SR gradient) there is no replay.
-    sr_bn_replay: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
