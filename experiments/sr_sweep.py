@@ -1,5 +1,5 @@
 """Self-Retrospection settings on the quickstart: `python -m experiments.sr_sweep --workdir DIR
-[--seed 0] [--sv] [--reuse-prefix] [--variants "portion=0.02" "portion=0.5,rounds=20" ...]`.
+[--seed 0] [--sv] [--reuse-prefix] [--base spec|quickstart] [--variants "portion=0.02" "portion=0.5,rounds=20" ...]`.
 
 Trains (or reuses, from DIR/teacher) the quickstart's poisoned teacher, runs the quickstart's ZSKT
 (with `--sv` the ZSKT+SV run) up to pseudo-batch N - k once, then resumes it with SR once per
@@ -10,6 +10,11 @@ and appends to DIR/sr_sweep.jsonl the final Acc / ASR / clean target rate of eac
 plain (no-SR) ending, with the ASR after every SR pseudo-batch (`asr_curve`: one final number
 hides how much it moves) and how much the trigger SR starts from is the teacher's backdoor
 (`trigger_*_target_rate`). Used to choose the quickstart's SR setting (docs/ABD_SR.md).
+
+Each variant changes the SR fields of a base: `--base spec` (the default, which the commands in
+docs/ABD_SR.md were run with) is the spec's SR defaults (zero start, weight 1, resume lr 5e-4);
+`--base quickstart` is what the quickstart's `--abd` rows use (`quickstart_sr_fields`), so
+"rounds=20" there means the quickstart's setting with R = 20. Rows record their base.
 
 `--reuse-prefix` checkpoints the state at pseudo-batch N - k under DIR/sr_sweep_prefix/ and restores
 it on the next call (a later sweep skips the ~6 minutes of prefix); delete that directory after a
@@ -38,7 +43,7 @@ from abd_jax.kd.zskt import sample_images
 from abd_jax.kd.zskt_train import ZSKTConfig, build_zskt, sr_hook, sr_phase
 from abd_jax.pipeline import EvalSets, evaluator
 from abd_jax.resume import CheckpointPolicy
-from experiments.configs.quickstart import get_config
+from experiments.configs.quickstart import add_abd_settings, get_config
 from experiments.overrides import parse_like
 
 
@@ -54,6 +59,16 @@ def parse_variant(spec: str) -> dict:
             raise ValueError(f"--variants {item!r}: ZSKTConfig has no field {key!r}")
         out[key] = parse_like(defaults[key], value, key, flag="--variants")  # the field's own type
     return out
+
+
+def quickstart_sr_fields(smoke: bool = False) -> dict:
+    """The SR fields (ZSKTConfig names) the quickstart's `--abd` rows set, apart from the SR
+    phase's length: the base of `--base quickstart`."""
+    cfg = get_config("smoke" if smoke else None)
+    add_abd_settings(cfg, smoke)
+    zc = zskt_config_from(cfg.zskt)
+    return {f.name: getattr(zc, f.name) for f in dataclasses.fields(zc)
+            if f.name.startswith("sr_") and f.name != "sr_pseudo_batches"}
 
 
 def trigger_target_rates(teacher, tvars, student, s_vars, x_gen: jax.Array, eval_sets: EvalSets, mean, std,
@@ -109,10 +124,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--reuse-prefix", action="store_true",
                     help="checkpoint the state at pseudo-batch N - k in DIR/sr_sweep_prefix and restore it next time")
     ap.add_argument("--smoke", action="store_true", help="the quickstart's seconds-long config (1 SR pseudo-batch)")
+    ap.add_argument("--base", choices=("spec", "quickstart"), default="spec",
+                    help="what the variants change: the spec's SR defaults, or the quickstart's --abd SR setting")
     args = ap.parse_args(argv)
     r = resume_point(args.workdir, args.seed, sv=args.sv, sr_pseudo_batches=args.sr_pseudo_batches,
                      smoke=args.smoke, reuse_prefix=args.reuse_prefix)
     dataset, eval_sets, teacher, tvars, zc = r.dataset, r.eval_sets, r.teacher, r.tvars, r.zc
+    if args.base == "quickstart":  # SR fields only: the run up to the resume point is the same
+        zc = dataclasses.replace(zc, **quickstart_sr_fields(args.smoke))
     student, generator, state, step, workdir = r.student, r.generator, r.state, r.step, r.workdir
     ev = evaluator(student, dataset.mean, dataset.std, eval_sets)
     evaluate = lambda s: ev(s.student.variables)  # noqa: E731
@@ -138,7 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      "asr_curve": [round(h["asr"], 1) for h in hist], **rates})
     with open(workdir / "sr_sweep.jsonl", "a") as f:
         for row in rows:
-            row = {**row, "seed": args.seed, "sv": args.sv, "sr_pseudo_batches": zc.sr_pseudo_batches,
+            row = {**row, "seed": args.seed, "sv": args.sv, "base": args.base, "sr_pseudo_batches": zc.sr_pseudo_batches,
                    "device": jax.devices()[0].device_kind}
             f.write(json.dumps(row) + "\n")
             print(f"{row['variant']:40s} acc {row['acc']:5.1f}  asr {row['asr']:5.1f}  ctr {row['clean_target_rate']:5.1f}")

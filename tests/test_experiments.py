@@ -3,7 +3,7 @@
 import pytest
 
 from experiments.quickstart_seeds import aggregate, table
-from experiments.sr_sweep import parse_variant
+from experiments.sr_sweep import parse_variant, quickstart_sr_fields
 
 
 def _result(acc, asr):
@@ -30,6 +30,18 @@ def test_sr_variant_parsing():
         parse_variant("nope=1")
     with pytest.raises(ValueError, match="write True or False"):
         parse_variant("bn_replay=1")
+
+
+def test_sr_sweep_quickstart_base_is_the_abd_rows_sr_setting():
+    """`experiments.sr_sweep --base quickstart`: the SR fields the quickstart's --abd rows run with
+    (not the spec's defaults, which `--base spec` keeps), and nothing outside SR."""
+    from experiments.configs import quickstart as q
+
+    base = quickstart_sr_fields()
+    assert (base["sr_coef"], base["sr_init_scale"], base["sr_restarts"], base["sr_resume_lr"]) == (
+        q.SR_COEF, q.SR_INIT_SCALE, q.SR_RESTARTS, q.SR_RESUME_LR)
+    assert base["sr_bn_replay"] and all(k.startswith("sr_") for k in base) and "sr_pseudo_batches" not in base
+    assert quickstart_sr_fields(smoke=True)["sr_restarts"] == 1  # the smoke run's single start
 
 
 def test_quickstart_set_reaches_the_zskt_config_and_refuses_unknown_fields(tmp_path):
