@@ -3,6 +3,7 @@ batch 128, 32x32x3 images, 1 generator + 10 student steps per ZSKT pseudo-batch.
 
     python -m benchmarks.suite [--cases teacher_forward kd_step zskt zskt_sv zskt_sr [student_fwd_bwd]]
                                [--size 32] [--teacher wrn16_2] [--batch 128] [--repeats 5] [--json]
+                               [--zskt FIELD=VALUE ...]
 
 Per case: compile time (for the host-looped SR pseudo-batch: its first call minus one steady
 call), median / min / max of the steady-state wall time over `--repeats` calls, the FLOP count
@@ -142,7 +143,23 @@ def case_kd_step(args, ds, teacher, tvars) -> dict:
     return time_jitted(lambda s, c: step(s, c[0], c[1], c[2]), s_state, (tvars, x, y), args.repeats)
 
 
+def zskt_overrides(items: list[str]) -> dict:
+    """`--zskt sr_bn_replay=false ...`: ZSKTConfig fields for the zskt cases, each parsed as its
+    field's type; an unknown field names the fix."""
+    from experiments.overrides import parse_like
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ZSKTConfig)}
+    out = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in defaults:
+            raise ValueError(f"--zskt {item!r}: write FIELD=VALUE with a ZSKTConfig field, e.g. sr_bn_replay=false")
+        out[name] = parse_like(defaults[name], raw, name, flag="--zskt")
+    return out
+
+
 def _zskt_cfg(args, **kw) -> ZSKTConfig:
+    kw = {**kw, **zskt_overrides(getattr(args, "zskt", None) or [])}
     return ZSKTConfig(pseudo_batches=1000, batch_size=args.batch, student=args.student, **kw)
 
 
@@ -190,7 +207,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--zskt", nargs="+", default=[], metavar="FIELD=VALUE",
+                    help="ZSKTConfig fields for the zskt, zskt_sv and zskt_sr cases, e.g. sr_bn_replay=false")
     args = ap.parse_args(argv)
+    zskt_overrides(args.zskt)  # a typo fails before anything compiles
     ds, teacher, tvars = setup(args)
     rows = []
     for case in args.cases:
@@ -201,6 +221,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "peak_rss_mib": peak_rss_mib(), "device": jax.devices()[0].device_kind,
                "backend": jax.default_backend(), "jax": jax.__version__,
                "xla_flags": os.environ.get("XLA_FLAGS", "")}
+        if args.zskt and case.startswith("zskt"):
+            row["zskt"] = args.zskt
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)

@@ -1,5 +1,5 @@
 """Host-side helpers of the benchmark scripts (no compiles): the trace summary of
-benchmarks.profile_trace."""
+benchmarks.profile_trace and the suite's --zskt parser."""
 
 import pytest
 from hypothesis import given
@@ -35,3 +35,14 @@ def test_summarize_groups_by_process_and_divides_by_calls():
     assert gpu["events_per_call"] == 4.0
     assert out["processes"]["/host:CPU"]["busy_ms_per_call"] == pytest.approx(2.0)
     assert out["top_events"][0] == {"process": "/device:GPU:0", "name": "conv", "ms_per_call": 2.0}
+
+
+def test_suite_zskt_overrides_are_typed_and_unknown_fields_refused():
+    from benchmarks.suite import zskt_overrides
+
+    assert zskt_overrides(["sr_bn_replay=false", "sr_rounds=20", "sr_coef=50"]) == {
+        "sr_bn_replay": False, "sr_rounds": 20, "sr_coef": 50.0}
+    with pytest.raises(ValueError, match="ZSKTConfig field"):
+        zskt_overrides(["bn_replay=false"])
+    with pytest.raises(ValueError, match="write True or False"):
+        zskt_overrides(["sr_bn_replay=0"])
