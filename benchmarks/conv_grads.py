@@ -10,8 +10,10 @@ x_pad[n, h+i, w+j, c] * g[n, h, w, o]:
 - `dw_patches`: XLA's patches op (`conv_general_dilated_patches`) then one matrix product;
 - `dw_as_forward_conv`: a VALID forward convolution of the transposed input [C, H+2, W+2, N]
   with the output gradient as a [H, W, N, O] kernel.
-Each is checked against `jax.vjp`'s kernel gradient (max relative error printed). Used for
-docs/PERFORMANCE.md ("What limits ...").
+Each is checked against `jax.vjp`'s kernel gradient (max relative error printed). And what the
+kernel gradient's operand layout costs on its own: `bn_relu_ms` writes relu(a x + b) (a BN output)
+in x's layout, `bn_relu_to_cnhw_ms` the same transposed to [C, H, W, N], the form XLA:CPU's
+kernel-gradient convolution reads its activation in. Used for docs/PERFORMANCE.md ("What limits ...").
 """
 
 from __future__ import annotations
@@ -86,6 +88,10 @@ def main(argv: list[str] | None = None) -> dict:
         err = float(jnp.abs(jitted(x, g) - ref).max() / jnp.abs(ref).max())
         row[f"{name}_ms"] = median_ms(jitted, x, g, repeats=args.repeats)
         row[f"{name}_rel_err"] = float(f"{err:.1e}")
+    scale, shift = jnp.linspace(0.5, 1.5, c), jnp.linspace(-0.1, 0.1, c)
+    bn_relu = lambda x: jax.nn.relu(x * scale + shift)  # noqa: E731
+    row["bn_relu_ms"] = median_ms(jax.jit(bn_relu), x, repeats=args.repeats)
+    row["bn_relu_to_cnhw_ms"] = median_ms(jax.jit(lambda x: bn_relu(x).transpose(3, 1, 2, 0)), x, repeats=args.repeats)
     row["device"] = jax.devices()[0].device_kind
     print(json.dumps(row) if args.json else "\n".join(f"{k:28s} {v}" for k, v in row.items()), flush=True)
     return row
