@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from abd_jax.abd.self_retrospection import kl_divergence, synthesize_trigger
-from abd_jax.attacks.triggers import Trigger, _apply, make_trigger
+from abd_jax.attacks.triggers import Trigger, apply_trigger_unclipped, make_trigger
 from abd_jax.augment import normalize
 from abd_jax.kd.zskt import sample_images
 from experiments.sr_sweep import resume_point
@@ -43,7 +43,7 @@ def paste_trigger(x: jax.Array, trigger: Trigger, mean, std) -> jax.Array | None
     if trigger.mode not in ("stamp", "blend"):
         return None
     # The trigger's own formula (affine in the image for these modes), with the pattern normalized.
-    return _apply(jnp, x, trigger.replace(pattern=normalize(jnp.asarray(trigger.pattern)[None], mean, std)[0]))
+    return apply_trigger_unclipped(x, trigger.replace(pattern=normalize(jnp.asarray(trigger.pattern)[None], mean, std)[0]))
 
 
 def histogram(logits: jax.Array, num_classes: int) -> list[int]:

@@ -18,6 +18,7 @@ from abd_jax.attacks import (
     TRIGGER_NAMES,
     apply_trigger,
     apply_trigger_np,
+    apply_trigger_unclipped,
     is_clean_label,
     make_asr_set,
     make_trigger,
@@ -285,3 +286,16 @@ def test_asr_set_excludes_target_class():
     assert len(trig) == len(clean) == keep.sum()
     np.testing.assert_array_equal(clean, x[keep])
     np.testing.assert_array_equal(trig, apply_trigger_np(x[keep], t))
+
+
+@pytest.mark.parametrize("name", ["badnets_grid", "blend", "trojan_wm"])
+def test_unclipped_trigger_is_the_formula_without_the_clip(name):
+    """apply_trigger_unclipped (for normalized images, experiments.sr_trigger_probe): apply_trigger
+    is it clipped to [0, 255], and it is not clipped itself (an additive trigger goes above 255)."""
+    t = _trigger(name, 16)
+    x = jnp.asarray(_images(0, 16), jnp.float32)
+    chex.assert_trees_all_close(jnp.clip(apply_trigger_unclipped(x, t), 0, 255), apply_trigger(x, t), rtol=0, atol=1e-4)
+    low = apply_trigger_unclipped(x - 1000.0, t)
+    assert float(jnp.min(low)) < -500.0  # untouched pixels keep their out-of-range values
+    with pytest.raises(ValueError, match="rebuild it with make_trigger"):
+        apply_trigger_unclipped(jnp.zeros((1, 8, 8, 3)), t)

@@ -14,6 +14,7 @@ from abd_jax.attacks.triggers import (
     Trigger,
     apply_trigger,
     apply_trigger_np,
+    apply_trigger_unclipped,
     load_pattern_file,
     make_trigger,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "Trigger",
     "apply_trigger",
     "apply_trigger_np",
+    "apply_trigger_unclipped",
     "is_clean_label",
     "load_pattern_file",
     "make_asr_set",

@@ -152,6 +152,14 @@ def apply_trigger(images: jax.Array, trigger: Trigger) -> jax.Array:
     return jnp.clip(_apply(jnp, x, trigger), 0.0, 255.0)
 
 
+def apply_trigger_unclipped(x: jax.Array, trigger: Trigger) -> jax.Array:
+    """The trigger's formula on `x` without the clip to [0, 255]: for images that are not in pixel
+    units (normalized generator samples), with `trigger.pattern` given in the same units as `x`
+    (e.g. normalized too). For stamp and blend triggers this is affine in `x`; pure and jittable."""
+    _check_shapes(tuple(x.shape), trigger)
+    return _apply(jnp, jnp.asarray(x, jnp.float32), trigger)
+
+
 def apply_trigger_np(images: np.ndarray, trigger: Trigger, *, chunk: int = 4096) -> np.ndarray:
     """Host-side `apply_trigger` for dataset preparation: uint8 in, uint8 out (rounded).
 
