@@ -146,16 +146,9 @@ def case_kd_step(args, ds, teacher, tvars) -> dict:
 def zskt_overrides(items: list[str]) -> dict:
     """`--zskt sr_bn_replay=false ...`: ZSKTConfig fields for the zskt cases, each parsed as its
     field's type; an unknown field names the fix."""
-    from experiments.overrides import parse_like
+    from experiments.overrides import parse_fields
 
-    defaults = {f.name: f.default for f in dataclasses.fields(ZSKTConfig)}
-    out = {}
-    for item in items:
-        name, sep, raw = item.partition("=")
-        if not sep or name not in defaults:
-            raise ValueError(f"--zskt {item!r}: write FIELD=VALUE with a ZSKTConfig field, e.g. sr_bn_replay=false")
-        out[name] = parse_like(defaults[name], raw, name, flag="--zskt")
-    return out
+    return parse_fields(items, ZSKTConfig, "--zskt")
 
 
 def _zskt_cfg(args, **kw) -> ZSKTConfig:

@@ -3,6 +3,7 @@ the table runner (`experiments.tables`, `experiments.methods`) and the quickstar
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 
@@ -19,6 +20,24 @@ def parse_like(old, raw: str, what: str, flag: str = "--set"):
             raise ValueError(f"{flag} {what}={raw}: not a valid {type(old).__name__} for {what}") from None
     raise ValueError(f"{flag} {what}: a {type(old).__name__} field cannot be set from the command line; "
                      "write a table config instead")
+
+
+def parse_fields(items: Sequence[str], cls, flag: str, *, prefix: str = "") -> dict:
+    """["field=value", ...] -> {field: value} for the dataclass `cls` (e.g. ZSKTConfig), each value
+    parsed as its field's type (`parse_like`). A name that is not a field is tried with `prefix`
+    ("rounds" -> "sr_rounds"); an unknown name or a bad value raises a ValueError naming `flag`."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    out = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{flag} {item!r}: write FIELD=VALUE")
+        if name not in defaults:
+            name = prefix + name
+        if name not in defaults:
+            raise ValueError(f"{flag} {item!r}: {cls.__name__} has no field {name!r}")
+        out[name] = parse_like(defaults[name], raw, name, flag=flag)
+    return out
 
 
 def apply_overrides(cfg, overrides: Sequence[str]) -> None:

@@ -44,21 +44,13 @@ from abd_jax.kd.zskt_train import ZSKTConfig, build_zskt, sr_hook, sr_phase
 from abd_jax.pipeline import EvalSets, evaluator
 from abd_jax.resume import CheckpointPolicy
 from experiments.configs.quickstart import add_abd_settings, get_config
-from experiments.overrides import parse_like
+from experiments.overrides import parse_fields
 
 
 def parse_variant(spec: str) -> dict:
     """"portion=0.5,rounds=20" -> {"sr_portion": 0.5, "sr_rounds": 20}; a key that names a
     `ZSKTConfig` field is kept as it is ("lr_generator=0": the generator frozen during SR)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(ZSKTConfig)}
-    out = {}
-    for item in filter(None, spec.split(",")):
-        key, value = item.split("=")
-        key = key if key.startswith("sr_") or key in defaults else f"sr_{key}"
-        if key not in defaults:
-            raise ValueError(f"--variants {item!r}: ZSKTConfig has no field {key!r}")
-        out[key] = parse_like(defaults[key], value, key, flag="--variants")  # the field's own type
-    return out
+    return parse_fields(list(filter(None, spec.split(","))), ZSKTConfig, "--variants", prefix="sr_")
 
 
 def quickstart_sr_fields(smoke: bool = False) -> dict:

@@ -30,6 +30,8 @@ def test_sr_variant_parsing():
         parse_variant("nope=1")
     with pytest.raises(ValueError, match="write True or False"):
         parse_variant("bn_replay=1")
+    with pytest.raises(ValueError, match="write FIELD=VALUE"):
+        parse_variant("rounds")
 
 
 def test_sr_sweep_quickstart_base_is_the_abd_rows_sr_setting():
