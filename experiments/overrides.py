@@ -1,5 +1,7 @@
 """`--set path.to.field=value` on an ml_collections job config: the command-line override shared by
-the table runner (`experiments.tables`, `experiments.methods`) and the quickstart scripts."""
+the table runner (`experiments.tables`, `experiments.methods`) and the quickstart scripts; and
+`FIELD=VALUE` lists for a typed dataclass config (`experiments.sr_sweep --variants`,
+`benchmarks.suite --zskt`)."""
 
 from __future__ import annotations
 
