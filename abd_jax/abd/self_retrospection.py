@@ -314,6 +314,21 @@ def sr_running_stats(
     return stats
 
 
+def sr_stats_hook(model: nn.Module, options: Any):
+    """The `student_sr_stats` hook (kd.common.DFKDHooks) of an `abd.options.ABDOptions`:
+    `(student_variables, x, key, delta) -> batch_stats` replaying the reference's 4 SR forwards
+    (`sr_running_stats`, the subset drawn with `options.sr_portion`), or None when there is
+    nothing to replay (`sr_bn_replay` off, or a student-made trigger, which is synthesized inside
+    the SR gradient and never reaches the hook)."""
+    if not options.sr_bn_replay or options.sr_trigger_model != "teacher":
+        return None
+
+    def student_sr_stats(student_vars: PyTree, x: jax.Array, key: jax.Array, delta: jax.Array) -> PyTree:
+        return sr_running_stats(model, student_vars, x, delta, key, portion=options.sr_portion)
+
+    return student_sr_stats
+
+
 def retrospect(
     student_apply: StudentApply,
     student_variables: PyTree,
@@ -415,12 +430,7 @@ def batchmean_sr_hooks(teacher: nn.Module, student: nn.Module, options: Any, tem
                             fp_iterations=o.sr_fp_iterations, l2=o.sr_l2, detach_clean=False, **kl)
         return grads
 
-    def student_sr_stats(student_vars: PyTree, x: jax.Array, key: jax.Array, delta: jax.Array) -> PyTree:
-        return sr_running_stats(student, student_vars, x, delta, key, portion=o.sr_portion)
-
-    if o.sr_trigger_model != "teacher":
-        return student_sr, None, None
-    return student_sr, prepare, student_sr_stats if o.sr_bn_replay else None
+    return student_sr, (prepare if o.sr_trigger_model == "teacher" else None), sr_stats_hook(student, o)
 
 
 class SelfRetrospectionState(NamedTuple):

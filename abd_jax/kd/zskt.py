@@ -150,7 +150,6 @@ def make_pseudo_batch(
     def student_step(s_state: TrainState, x: jax.Array, t_logits: jax.Array, t_feats, key: jax.Array,
                      teacher_vars: PyTree, prepared: Any = None):
         k_sr = jax.random.fold_in(key, s_state.step)
-        sr_vars = {"params": s_state.params, "batch_stats": s_state.batch_stats}
         kd_state = sr_stats_state(hooks, s_state, x, k_sr, prepared)  # SR's forwards come first, as in the reference
 
         def loss_fn(params):
@@ -167,7 +166,7 @@ def make_pseudo_batch(
             # Computed here and passed as `sr_grads`, not as `sr_grad_fn`: a built SR phase always
             # runs SR, and the transform's lax.cond around `sr_grad_fn` made the same work 7x
             # slower on XLA:CPU (docs/ABD_SR.md, "Speed").
-            extra["sr_grads"] = hooks.student_sr(sr_vars, teacher_vars, x, k_sr, prepared)
+            extra["sr_grads"] = hooks.student_sr(s_state.variables, teacher_vars, x, k_sr, prepared)
         return apply_gradients(s_state, student_tx, grads, stats, **extra), {"loss_s": loss, **parts}
 
     def generator_half(state: ZSKTState, teacher_vars: PyTree):

@@ -21,8 +21,8 @@ from abd_jax.abd.options import ABDOptions
 from abd_jax.abd.self_retrospection import (
     retrospect,
     sr_grads,
-    sr_running_stats,
     sr_resume_optimizer,
+    sr_stats_hook,
     synthesize_trigger,
     train_mode_apply,
 )
@@ -211,12 +211,7 @@ def sr_hook(teacher, student, cfg: ZSKTConfig):
             grads, _ = sr_grads(student_apply, student_vars, x, delta, key, **kw)
         return grads
 
-    def student_sr_stats(student_vars: PyTree, x: jax.Array, key: jax.Array, delta: jax.Array) -> PyTree:
-        return sr_running_stats(student, student_vars, x, delta, key, portion=cfg.sr_portion)
-
-    if cfg.sr_trigger_model == "student":  # nothing to prepare, and no trigger to replay the forwards with
-        return student_sr, None, None
-    return student_sr, prepare, student_sr_stats if cfg.sr_bn_replay else None
+    return student_sr, (prepare if cfg.sr_trigger_model == "teacher" else None), sr_stats_hook(student, cfg)
 
 
 def _lr(cfg: ZSKTConfig, base: float, updates_per_pb: int):
