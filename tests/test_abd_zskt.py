@@ -102,6 +102,29 @@ def test_sr_init_scale_reaches_the_trigger_search(setup):
     assert 0.0 < float(jnp.std(starts[1e-3])) < 2e-3
 
 
+def test_sr_fresh_starts_draw_each_batch_its_own_trigger_start(setup):
+    """sr_fresh_starts: the trigger search starts from the batch key's random draw (different per
+    batch); without it every batch starts from the same fixed draw, whatever the key."""
+    from abd_jax.kd.zskt_train import sr_hook
+
+    ds, teacher, tvars = setup
+    x = jax.random.normal(jax.random.key(0), (4, *ds.image_shape))
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    starts = {}
+    for fresh in (False, True):
+        cfg = dataclasses.replace(CFG, sr_init_scale=1e-3, sr_rounds=0, sr_fresh_starts=fresh)
+        _, prepare, _ = sr_hook(teacher, teacher, cfg)
+        a, b, again, keyless = (prepare(tvars, x, k1), prepare(tvars, x, k2), prepare(tvars, x, k1),
+                                prepare(tvars, x))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(again))
+        assert bool(jnp.any(a != b)) == fresh
+        starts[fresh] = (a, keyless)
+    # Without fresh starts every batch gets the fixed start that a call without a key gets.
+    np.testing.assert_array_equal(np.asarray(starts[False][0]), np.asarray(starts[False][1]))
+    np.testing.assert_array_equal(np.asarray(starts[True][1]), np.asarray(starts[False][1]))
+    assert bool(jnp.any(starts[True][0] != starts[False][0]))
+
+
 def test_sr_zero_coef_equals_plain_resume_and_nonzero_differs(setup):
     ds, teacher, tvars = setup
     student, generator, state, _ = build_zskt(teacher, ds, CFG, seed=0, teacher_vars=tvars)
@@ -218,3 +241,23 @@ def test_ablation_shares_the_warm_up_and_matches_a_standalone_sv_run(setup, thre
         chex.assert_trees_all_equal(rows["zskt+sv"].state.student.params, rows["zskt"].state.student.params)
     else:
         assert _changed(rows["zskt+sv"].state.generator.params, rows["zskt"].state.generator.params)
+
+
+def test_sv_probe_smoke_reports_each_layer_count(tmp_path):
+    """`experiments.sv_probe --smoke`: one row per layer count, appended to DIR/sv_probe.jsonl. With
+    0 layers the "shuffled" copies are the teacher, so every sample is flagged; a row passes
+    exactly when a trial's tail ratio is above the 2% threshold, and the trials stop there."""
+    import json
+
+    from experiments import sv_probe
+
+    rows = sv_probe.main(["--workdir", str(tmp_path), "--smoke", "--seed", "1", "--layers", "0", "1"])
+    assert [r["sv_layers"] for r in rows] == [0, 1]
+    assert set(rows[0]["flagged_pct"].values()) == {100.0}
+    assert all(0.0 <= v <= 100.0 for v in rows[1]["flagged_pct"].values())
+    for r in rows:
+        tails = r["tail_ratios_pct"]
+        assert r["passed"] == (tails[-1] > 2.0) and all(t <= 2.0 for t in tails[:-1])
+        assert r["passed"] or len(tails) == 8  # a rejected vaccine used every trial
+    saved = [json.loads(line) for line in (tmp_path / "sv_probe.jsonl").read_text().splitlines()]
+    assert saved == rows

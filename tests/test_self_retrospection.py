@@ -307,3 +307,19 @@ def test_sr_is_on_reads_the_coef_of_any_chain():
     assert not bool(sr_is_on(state))
     assert bool(sr_is_on(set_sr_coef(state, 50.0)))
     assert bool(jax.jit(sr_is_on)(set_sr_coef(state, 1.0))) and not bool(jax.jit(sr_is_on)(state))
+
+
+def test_batchmean_prepare_draws_fresh_starts_only_when_asked(net):
+    """CMI / OOD-KD's teacher-trigger hook (`batchmean_sr_hooks`): with `sr_fresh_starts` each
+    batch key gives its own start; without it every key gives the fixed start."""
+    from abd_jax.abd.options import ABDOptions
+    from abd_jax.abd.self_retrospection import batchmean_sr_hooks
+
+    model, variables, x = net  # TinyNet returns (logits, features), as the zoo's teachers
+    for fresh in (False, True):
+        opts = ABDOptions(sr_init_scale=1e-3, sr_rounds=0, sr_fresh_starts=fresh)
+        prepare = batchmean_sr_hooks(model, model, opts, temperature=1.0)[1]
+        a, b = prepare(variables, x, jax.random.key(1)), prepare(variables, x, jax.random.key(2))
+        assert bool(jnp.any(a != b)) == fresh
+        if not fresh:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(prepare(variables, x)))

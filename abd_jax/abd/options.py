@@ -31,7 +31,9 @@ class ABDOptions:
       the SR gradient added to the KD gradient. `sr_init_scale` > 0 starts the trigger search at
       a small random perturbation instead of the spec's zero, where the search's first step is
       set by rounding noise, and `sr_restarts` > 1 keeps the best of that many random starts
-      (`self_retrospection.synthesize_trigger`, docs/ABD_SR.md). `sr_bn_replay` (with the
+      (`self_retrospection.synthesize_trigger`, docs/ABD_SR.md); `sr_fresh_starts` draws those
+      starts from each batch's own key instead of the same fixed key on every batch.
+      `sr_bn_replay` (with the
       teacher's trigger) replays the BN running-stat updates of the reference's 4 train-mode SR
       forwards before each KD forward (`self_retrospection.sr_running_stats`), as the reference;
       False leaves the running statistics to the KD forwards alone.
@@ -55,6 +57,7 @@ class ABDOptions:
     sr_init_scale: float = 0.0
     sr_restarts: int = 1
     sr_bn_replay: bool = True
+    sr_fresh_starts: bool = False
 
     def __post_init__(self) -> None:
         # Checked when the config is made: the trigger search only runs in the SR phase, at the

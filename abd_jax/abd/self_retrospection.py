@@ -314,6 +314,17 @@ def sr_running_stats(
     return stats
 
 
+def trigger_start_key(options: Any, key: jax.Array | None) -> jax.Array | None:
+    """The `init_key` of a batch's trigger search under an `abd.options.ABDOptions`: with
+    `sr_fresh_starts`, a key derived from the batch's `key`, so each batch searches from its own
+    random starts; otherwise None, the same fixed key (`jax.random.key(0)`) on every batch.
+    Derived by split, not fold_in, so it never equals the per-step keys a method folds its step
+    counter into."""
+    if not options.sr_fresh_starts or key is None:
+        return None
+    return jax.random.split(key)[1]
+
+
 def sr_stats_hook(model: nn.Module, options: Any):
     """The `student_sr_stats` hook (kd.common.DFKDHooks) of an `abd.options.ABDOptions`:
     `(student_variables, x, key, delta) -> batch_stats` replaying the reference's 4 SR forwards
@@ -416,10 +427,10 @@ def batchmean_sr_hooks(teacher: nn.Module, student: nn.Module, options: Any, tem
     kl = dict(temperature=temperature, reduction="batchmean", kl_scale=temperature * temperature)
     o = options
 
-    def prepare(teacher_vars: PyTree, x: jax.Array) -> jax.Array:
+    def prepare(teacher_vars: PyTree, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         return synthesize_trigger(lambda z: teacher.apply(teacher_vars, z, train=False)[0], x,
                                   rounds=o.sr_rounds, lr=o.sr_pert_lr, l2=0.0, init_scale=o.sr_init_scale,
-                                  restarts=o.sr_restarts, **kl)
+                                  init_key=trigger_start_key(o, key), restarts=o.sr_restarts, **kl)
 
     def student_sr(student_vars: PyTree, teacher_vars: PyTree, x: jax.Array, key: jax.Array, delta=None):
         if delta is None:  # the student synthesizes its own trigger (the poster's story)

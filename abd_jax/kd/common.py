@@ -35,9 +35,10 @@ SampleWeights = Callable[..., jax.Array]
 # teacher by default, spec 4.1, and a hook must not close over arrays that jit would embed as
 # constants). `prepared` is what `student_sr_prepare` returned for this x, or None without one.
 StudentExtraGrads = Callable[[Any, Any, jax.Array, jax.Array, Any], Any]
-# (teacher_variables, x) -> anything the SR gradient needs that depends on the images only (the
-# teacher-synthesized trigger): computed once per image batch, not once per student step.
-StudentSRPrepare = Callable[[Any, jax.Array], Any]
+# (teacher_variables, x, key) -> anything the SR gradient needs that depends on the images only
+# (the teacher-synthesized trigger): computed once per image batch, not once per student step.
+# `key` is the batch's own (for random trigger-search starts, `ABDOptions.sr_fresh_starts`).
+StudentSRPrepare = Callable[[Any, jax.Array, jax.Array], Any]
 # (student_variables, x, key, prepared) -> the student's BN `batch_stats` after the reference's SR
 # forwards (reference-faithful running statistics, spec 4.1): the method's KD forward starts from them.
 StudentSRStats = Callable[[Any, jax.Array, jax.Array, Any], Any]

@@ -23,6 +23,7 @@ from abd_jax.abd.self_retrospection import (
     sr_grads,
     sr_resume_optimizer,
     sr_stats_hook,
+    trigger_start_key,
     synthesize_trigger,
     train_mode_apply,
 )
@@ -194,13 +195,13 @@ def sr_hook(teacher, student, cfg: ZSKTConfig):
     kw = dict(portion=cfg.sr_portion, fp_iterations=cfg.sr_fp_iterations, l2=cfg.sr_l2,
               temperature=cfg.temperature)
 
-    def prepare(teacher_vars: PyTree, x: jax.Array) -> jax.Array:
+    def prepare(teacher_vars: PyTree, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         def teacher_logits(inputs):
             return teacher.apply(teacher_vars, inputs, train=False)[0]
 
         return synthesize_trigger(teacher_logits, x, rounds=cfg.sr_rounds, lr=cfg.sr_pert_lr, l2=cfg.sr_l2,
                                   temperature=cfg.temperature, init_scale=cfg.sr_init_scale,
-                                  restarts=cfg.sr_restarts)
+                                  init_key=trigger_start_key(cfg, key), restarts=cfg.sr_restarts)
 
     def student_sr(student_vars: PyTree, teacher_vars: PyTree, x: jax.Array, key: jax.Array, delta=None):
         if delta is None:  # the student synthesizes its own trigger
@@ -309,13 +310,13 @@ def sv_report(teacher, teacher_vars: PyTree, generator, state: ZSKTState, datase
     return suspicion_reports(teacher, teacher_vars, state.hook_state, batches)
 
 
-def _warm_up_and_verify(step, state: ZSKTState, teacher, teacher_vars: PyTree, generator, cfg: ZSKTConfig,
-                        key: jax.Array, run_kwargs: dict):
-    """Spec 3.4 in ZSKT: P = `sv_verify_after` pseudo-batches with SV off (coef 0), pooling one
-    batch of generator samples after each pseudo-batch from the 11th on (the reference pools the
-    pseudo-batch's own images, 11 identical copies each; a fresh z from the same generator is the
-    same distribution, and duplicates do not change the tail ratio), then `verify_vaccine`.
-    Returns (state with the verified vaccine, warm-up evaluation history, per-trial log)."""
+def warm_up_pool(step, state: ZSKTState, teacher, teacher_vars: PyTree, generator, cfg: ZSKTConfig,
+                 key: jax.Array, run_kwargs: dict):
+    """The warm-up of spec 3.4 in ZSKT: P = `sv_verify_after` pseudo-batches with SV off (coef 0),
+    pooling one batch of generator samples after each pseudo-batch from the 11th on (the reference
+    pools the pseudo-batch's own images, 11 identical copies each; a fresh z from the same
+    generator is the same distribution, and duplicates do not change the tail ratio).
+    Returns (state, warm-up evaluation history, pooled images [N, ...], their teacher logits [N, C])."""
     first_pooled = min(11, cfg.sv_verify_after - 1)
     sample = jax.jit(lambda g, k: sample_images(generator, g, k, cfg.batch_size, cfg.z_dim))
     t_logits = jax.jit(lambda tv, x: teacher.apply(tv, x, train=False)[0])
@@ -333,11 +334,19 @@ def _warm_up_and_verify(step, state: ZSKTState, teacher, teacher_vars: PyTree, g
 
     state, history = run_steps(step, state, teacher_vars, num_steps=cfg.sv_verify_after, on_step=collect,
                                host_state=pool, **run_kwargs)
-    divergence = jax.jit(make_divergence_fn(teacher))
     flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731
-    sv, log = verify_vaccine(jax.random.fold_in(key, cfg.sv_verify_after), divergence, flat(pool["x"]),
-                             flat(pool["t"]), state.hook_state, n_layers=cfg.sv_layers,
-                             threshold=cfg.sv_verify_threshold)
+    return state, history, flat(pool["x"]), flat(pool["t"])
+
+
+def _warm_up_and_verify(step, state: ZSKTState, teacher, teacher_vars: PyTree, generator, cfg: ZSKTConfig,
+                        key: jax.Array, run_kwargs: dict):
+    """`warm_up_pool`, then `verify_vaccine` on the pool. Returns (state with the verified vaccine,
+    warm-up evaluation history, per-trial log)."""
+    state, history, pool_x, pool_t = warm_up_pool(step, state, teacher, teacher_vars, generator, cfg, key,
+                                                  run_kwargs)
+    divergence = jax.jit(make_divergence_fn(teacher))
+    sv, log = verify_vaccine(jax.random.fold_in(key, cfg.sv_verify_after), divergence, pool_x, pool_t,
+                             state.hook_state, n_layers=cfg.sv_layers, threshold=cfg.sv_verify_threshold)
     return state.replace(hook_state=sv), history, log
 
 
