@@ -63,3 +63,18 @@ def test_quickstart_set_reaches_the_zskt_config_and_refuses_unknown_fields(tmp_p
     with pytest.raises(ValueError, match="generator_upsample"):
         quickstart.main(["--smoke", f"--workdir={tmp_path / 'qs'}", "--set", "zskt.generator_upsampel=separate"])
     assert not (tmp_path / "qs").exists()
+
+
+def test_asr_by_class_helpers():
+    """`experiments.asr_by_class`: percentages per class, restricted by `keep`, None where a class
+    has no sample left."""
+    import numpy as np
+
+    from experiments.asr_by_class import by_class, pct
+
+    hit = np.array([True, False, True, True, False])
+    labels = np.array([1, 1, 2, 2, 3])
+    assert by_class(hit, labels) == {1: 50.0, 2: 100.0, 3: 0.0}
+    keep = np.array([True, True, False, True, False])
+    assert by_class(hit, labels, keep) == {1: 50.0, 2: 100.0, 3: None}
+    assert pct(np.array([], bool)) is None and pct(np.array([True, False, False])) == 33.3
