@@ -37,6 +37,20 @@ def write_json(path: str | Path, obj: Any) -> None:
     _atomic_write(Path(path), (json.dumps(_jsonable(obj), indent=2) + "\n").encode())
 
 
+def append_jsonl(path: str | Path, rows: Sequence[Any]) -> None:
+    """Appends one JSON line per row (numpy values converted): the experiment logs that several
+    runs add to (sr_sweep.jsonl, sv_probe.jsonl, ...)."""
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(_jsonable(row)) + "\n")
+
+
+def percent(mask: np.ndarray) -> float | None:
+    """Percent of True in a boolean array, one decimal; None for an empty one (no samples)."""
+    mask = np.asarray(mask)
+    return round(100.0 * float(np.mean(mask)), 1) if mask.size else None
+
+
 def write_text(path: str | Path, text: str) -> None:
     _atomic_write(Path(path), text.encode())
 

@@ -15,31 +15,22 @@ that survives a defense is spread over every class or sits in a few (docs/ABD_SR
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from abd_jax.checkpoint import load_teacher
 from abd_jax.jobs import teacher_and_eval
+from abd_jax.metrics import batched_predict
+from abd_jax.report import append_jsonl, percent
 from abd_jax.teacher import make_predict_fn
 from experiments.configs.quickstart import get_config
-
-
-def predictions(predict, x: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    return np.concatenate([np.asarray(jax.numpy.argmax(predict(x[i:i + batch_size]), -1))
-                           for i in range(0, len(x), batch_size)])
-
-
-def pct(mask: np.ndarray) -> float | None:
-    return round(100.0 * float(np.mean(mask)), 1) if mask.size else None
 
 
 def by_class(values: np.ndarray, labels: np.ndarray, keep: np.ndarray | None = None) -> dict[int, float | None]:
     """{class: percent of True in `values` over that class's samples (and `keep`)}."""
     keep = np.ones_like(values, bool) if keep is None else keep
-    return {int(c): pct(values[(labels == c) & keep]) for c in np.unique(labels)}
+    return {int(c): percent(values[(labels == c) & keep]) for c in np.unique(labels)}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -60,13 +51,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                            expected_image_shape=dataset.image_shape)
         predict = make_predict_fn(model, dataset.mean, dataset.std)
         fn = lambda x: predict(variables, x)  # noqa: E731
-        to_target = predictions(fn, eval_sets.x_triggered) == eval_sets.target
-        clean_to_target = predictions(fn, eval_sets.x_triggered_clean) == eval_sets.target
+        to_target = batched_predict(fn, eval_sets.x_triggered) == eval_sets.target
+        clean_to_target = batched_predict(fn, eval_sets.x_triggered_clean) == eval_sets.target
         rec = {"row": row, "seed": args.seed, "target": int(eval_sets.target),
-               "asr": pct(to_target), "clean_target_rate": pct(clean_to_target),
+               "asr": percent(to_target), "clean_target_rate": percent(clean_to_target),
                # the ASR over images whose clean copy the student does not already send to the target:
                # the part of the ASR the trigger itself causes
-               "asr_clean_not_target": pct(to_target[~clean_to_target]),
+               "asr_clean_not_target": percent(to_target[~clean_to_target]),
                "asr_by_class": by_class(to_target, labels),
                "clean_target_rate_by_class": by_class(clean_to_target, labels),
                "asr_clean_not_target_by_class": by_class(to_target, labels, ~clean_to_target),
@@ -76,9 +67,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"copy is not sent to the target {rec['asr_clean_not_target']}%")
         for name in ("asr_by_class", "clean_target_rate_by_class", "asr_clean_not_target_by_class"):
             print(f"  {name:30s}" + "  ".join(f"{c}:{'-' if v is None else v:>5}" for c, v in rec[name].items()))
-    with open(workdir / "asr_by_class.jsonl", "a") as f:
-        for rec in out:
-            f.write(json.dumps(rec) + "\n")
+    append_jsonl(workdir / "asr_by_class.jsonl", out)
     return out
 
 

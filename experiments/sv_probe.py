@@ -28,13 +28,8 @@ from abd_jax.augment import normalize
 from abd_jax.jobs import teacher_and_eval, zskt_config_from
 from abd_jax.kd.common import DFKDHooks
 from abd_jax.kd.zskt_train import build_zskt, warm_up_pool
+from abd_jax.report import append_jsonl, percent
 from experiments.configs.quickstart import add_abd_settings, get_config
-
-
-def pct(mask: np.ndarray) -> float | None:
-    """Percent of True in `mask`, one decimal; None for no samples (e.g. a teacher that calls every
-    clean image the target class)."""
-    return round(100.0 * float(np.mean(mask)), 1) if mask.size else None
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -71,15 +66,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         says_target = rep["clean_test"]["teacher_pred"] == eval_sets.target
         row = {"seed": args.seed, "sv_layers": layers, "passed": any(t["passed"] for t in log),
                "tail_ratios_pct": [round(100.0 * t["tail_ratio"], 2) for t in log],
-               "flagged_pct": {name: pct(np.asarray(r["mask"])) for name, r in rep.items()},
-               "flagged_pct_clean_teacher_says_target": pct(np.asarray(rep["clean_test"]["mask"])[says_target]),
-               "flagged_pct_clean_teacher_says_other": pct(np.asarray(rep["clean_test"]["mask"])[~says_target]),
+               "flagged_pct": {name: percent(r["mask"]) for name, r in rep.items()},
+               "flagged_pct_clean_teacher_says_target": percent(np.asarray(rep["clean_test"]["mask"])[says_target]),
+               "flagged_pct_clean_teacher_says_other": percent(np.asarray(rep["clean_test"]["mask"])[~says_target]),
                "pool_size": int(len(pool_x)), "device": jax.devices()[0].device_kind}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    with open(workdir / "sv_probe.jsonl", "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    append_jsonl(workdir / "sv_probe.jsonl", rows)
     return rows
 
 

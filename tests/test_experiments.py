@@ -70,11 +70,26 @@ def test_asr_by_class_helpers():
     has no sample left."""
     import numpy as np
 
-    from experiments.asr_by_class import by_class, pct
+    from abd_jax.report import percent
+    from experiments.asr_by_class import by_class
 
     hit = np.array([True, False, True, True, False])
     labels = np.array([1, 1, 2, 2, 3])
     assert by_class(hit, labels) == {1: 50.0, 2: 100.0, 3: 0.0}
     keep = np.array([True, True, False, True, False])
     assert by_class(hit, labels, keep) == {1: 50.0, 2: 100.0, 3: None}
-    assert pct(np.array([], bool)) is None and pct(np.array([True, False, False])) == 33.3
+    assert percent(np.array([], bool)) is None and percent(np.array([True, False, False])) == 33.3
+
+
+def test_append_jsonl_adds_lines_with_numpy_values(tmp_path):
+    import json
+
+    import numpy as np
+
+    from abd_jax.report import append_jsonl
+
+    path = tmp_path / "log.jsonl"
+    append_jsonl(path, [{"a": np.float32(1.5), "b": np.arange(2)}])
+    append_jsonl(path, [{"a": 2.0, "b": [3]}, {"a": float("nan")}])
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"a": 1.5, "b": [0, 1]}, {"a": 2.0, "b": [3]}, {"a": None}]
