@@ -138,10 +138,14 @@ def teacher_and_eval(cfg, workdir: str | Path, checkpoint: CheckpointPolicy | No
         tdir = workdir / "teacher"
     teacher, tvars, meta = load_teacher(tdir, expected_num_classes=dataset.num_classes,
                                         expected_image_shape=dataset.image_shape)
+    return dataset, eval_sets_for(cfg, dataset), teacher, tvars, meta
+
+
+def eval_sets_for(cfg, dataset) -> EvalSets:
+    """The evaluation sets of the job's attack (trigger, target) on `dataset`: no teacher needed."""
     trigger = make_trigger(cfg.attack.trigger, dataset.image_shape[0], dataset.image_shape[2],
                            seed=cfg.attack.trigger_seed, pattern_file=cfg.attack.pattern_file or None)
-    eval_sets = make_eval_sets(dataset, trigger, cfg.attack.target)
-    return dataset, eval_sets, teacher, tvars, meta
+    return make_eval_sets(dataset, trigger, cfg.attack.target)
 
 
 def zskt_config_from(c) -> ZSKTConfig:

@@ -2,8 +2,9 @@
 run saved: `python -m experiments.asr_by_class --workdir DIR [--seed 0] [--rows zskt zskt+sr clean_kd]`.
 
 DIR is a quickstart workdir (`experiments.quickstart --workdir DIR`, or DIR/seed_N of
-`quickstart_seeds`): its teacher is reused (same config and seed) for the test sets, and each row's
-student is read from DIR/<row>/student (the safe checkpoint format, never unpickled). For every
+`quickstart_seeds`): each row's student is read from DIR/<row>/student (the safe checkpoint format,
+never unpickled) and judged on the quickstart's test sets (its trigger and target; no teacher is
+loaded or trained). For every
 source class c != target it prints the share of class-c test images that the student sends to the
 target with the trigger (the ASR restricted to c), without it (the clean target rate of c), and
 with it among the images whose clean copy the student does not already send to the target (the
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from abd_jax.checkpoint import load_teacher
-from abd_jax.jobs import teacher_and_eval
+from abd_jax.jobs import eval_sets_for, load_data
 from abd_jax.metrics import batched_predict
 from abd_jax.report import append_jsonl, percent
 from abd_jax.teacher import make_predict_fn
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cfg = get_config("smoke" if args.smoke else None)
     cfg.seed = args.seed
     workdir = Path(args.workdir)
-    dataset, eval_sets, _, _, _ = teacher_and_eval(cfg, workdir)
+    dataset = load_data(cfg)
+    eval_sets = eval_sets_for(cfg, dataset)
     labels = eval_sets.y_test[eval_sets.y_test != eval_sets.target]  # make_asr_set's order
     out = []
     for row in args.rows:
