@@ -15,6 +15,7 @@ import numpy as np
 from abd_jax.attacks import make_asr_set, make_trigger, pgd_perturb, poison_training_set
 from abd_jax.attacks.poison import is_clean_label
 from abd_jax.attacks.triggers import Trigger
+from abd_jax.augment import normalize
 from abd_jax.data.base import Dataset
 from abd_jax.metrics import evaluate_backdoor
 from abd_jax.models import get_model, init_model
@@ -45,6 +46,14 @@ def make_eval_sets(dataset: Dataset, trigger: Trigger, target: int) -> EvalSets:
         )
     x_bd, x_bd_clean = make_asr_set(dataset.x_test, dataset.y_test, trigger, target)
     return EvalSets(dataset.x_test, dataset.y_test, x_bd, x_bd_clean, target)
+
+
+def normalized_test_images(sets: EvalSets, mean, std) -> dict[str, np.ndarray]:
+    """{"clean_test", "triggered_test"}: the test images and their triggered non-target copies in
+    the models' input space, as the end-of-run suspicion reports look at them (a diagnosis only:
+    a defender has no test data, spec 3.4)."""
+    return {"clean_test": np.asarray(normalize(sets.x_test, mean, std)),
+            "triggered_test": np.asarray(normalize(sets.x_triggered, mean, std))}
 
 
 def evaluator(model, mean, std, sets: EvalSets, batch_size: int = 500):

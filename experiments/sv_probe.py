@@ -20,14 +20,13 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from abd_jax.abd.shuffle_vaccine import make_divergence_fn, suspicion_reports, verify_vaccine
-from abd_jax.augment import normalize
 from abd_jax.jobs import teacher_and_eval, zskt_config_from
 from abd_jax.kd.common import DFKDHooks
 from abd_jax.kd.zskt_train import build_zskt, warm_up_pool
+from abd_jax.pipeline import normalized_test_images
 from abd_jax.report import append_jsonl, percent
 from experiments.configs.quickstart import add_abd_settings, get_config
 
@@ -45,8 +44,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     dataset, eval_sets, teacher, tvars, _ = teacher_and_eval(cfg, workdir)
-    zc = dataclasses.replace(zskt_config_from(cfg.zskt), sv=True, sr_pseudo_batches=0,
-                             sv_verify_after=max(zskt_config_from(cfg.zskt).sv_verify_after, 2))
+    zc = zskt_config_from(cfg.zskt)
+    zc = dataclasses.replace(zc, sv=True, sr_pseudo_batches=0, sv_verify_after=max(zc.sv_verify_after, 2))
     # The ablation's warm-up: the vanilla step from the SV build's state, keys as distill_zskt_ablation.
     _, _, _, vanilla_step = build_zskt(teacher, dataset, dataclasses.replace(zc, sv=False), args.seed,
                                        DFKDHooks(), tvars)
@@ -54,8 +53,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     key = jax.random.key(args.seed + 3)
     _, _, pool_x, pool_t = warm_up_pool(vanilla_step, state, teacher, tvars, generator, zc, key, {})
     divergence = jax.jit(make_divergence_fn(teacher))
-    test = {"clean_test": np.asarray(normalize(jnp.asarray(eval_sets.x_test), dataset.mean, dataset.std)),
-            "triggered_test": np.asarray(normalize(jnp.asarray(eval_sets.x_triggered), dataset.mean, dataset.std))}
+    test = normalized_test_images(eval_sets, dataset.mean, dataset.std)
     rows = []
     for layers in args.layers:
         lc = dataclasses.replace(zc, sv_layers=layers)

@@ -49,7 +49,7 @@ from abd_jax.models import MODEL_NAMES, check_classifier_fits, get_model, init_m
 from abd_jax.models.cmi_generator import CMIGenerator
 from abd_jax.models.conv_op import loop_friendly_convs
 from abd_jax.optim import cosine_schedule, make_optimizer
-from abd_jax.pipeline import EvalSets, evaluator
+from abd_jax.pipeline import EvalSets, evaluator, normalized_test_images
 from abd_jax.resume import CheckpointPolicy
 from abd_jax.state import TrainState, create_train_state
 
@@ -317,8 +317,7 @@ def sv_report(teacher, teacher_vars: PyTree, state: CMIState, dataset: Dataset, 
     synthetic = normalize(jnp.asarray(pool_images(state, n_synthetic)), dataset.mean, dataset.std)
     return suspicion_reports(teacher, teacher_vars, state.hook_state, {
         "synthetic": np.asarray(synthetic),
-        "clean_test": np.asarray(normalize(eval_sets.x_test, dataset.mean, dataset.std)),
-        "triggered_test": np.asarray(normalize(eval_sets.x_triggered, dataset.mean, dataset.std)),
+        **normalized_test_images(eval_sets, dataset.mean, dataset.std),
     })
 
 

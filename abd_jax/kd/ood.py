@@ -52,7 +52,7 @@ from abd_jax.kd.zskt_train import ZSKTResult, samples_to_pixels
 from abd_jax.losses import kl_elementwise
 from abd_jax.models import MODEL_NAMES, check_classifier_fits, get_model, init_model
 from abd_jax.parallel import constrain_batch
-from abd_jax.pipeline import EvalSets, evaluator
+from abd_jax.pipeline import EvalSets, evaluator, normalized_test_images
 from abd_jax.resume import CheckpointPolicy
 from abd_jax.state import TrainState, create_train_state
 
@@ -370,7 +370,6 @@ def distill_ood(
     if cfg.sv:
         report = suspicion_reports(teacher, teacher_vars, state.hook_state, {
             "patches": np.asarray(x),
-            "clean_test": np.asarray(normalize(eval_sets.x_test, dataset.mean, dataset.std)),
-            "triggered_test": np.asarray(normalize(eval_sets.x_triggered, dataset.mean, dataset.std)),
+            **normalized_test_images(eval_sets, dataset.mean, dataset.std),
         })
     return ZSKTResult(student, state, history, seconds, samples_to_pixels(x, dataset.mean, dataset.std), report, log)

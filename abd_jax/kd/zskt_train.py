@@ -35,7 +35,7 @@ from abd_jax.abd.shuffle_vaccine import (
     suspicion_reports,
     verify_vaccine,
 )
-from abd_jax.augment import denormalize, normalize
+from abd_jax.augment import denormalize
 from abd_jax.data.base import Dataset
 from abd_jax.kd.common import DFKDHooks
 from abd_jax.kd.generator_losses import METHODS, method_losses
@@ -50,7 +50,7 @@ from abd_jax.models import (
 )
 from abd_jax.models.generator import _OUT_ACTIVATIONS
 from abd_jax.optim import cosine_schedule, make_optimizer
-from abd_jax.pipeline import EvalSets, evaluator
+from abd_jax.pipeline import EvalSets, evaluator, normalized_test_images
 from abd_jax.resume import CheckpointPolicy
 from abd_jax.state import create_train_state
 
@@ -304,8 +304,7 @@ def sv_report(teacher, teacher_vars: PyTree, generator, state: ZSKTState, datase
     synthetic = sample_images(generator, state.generator, key, n_synthetic, cfg.z_dim)
     batches = {
         "synthetic": np.asarray(synthetic),
-        "clean_test": np.asarray(normalize(eval_sets.x_test, dataset.mean, dataset.std)),
-        "triggered_test": np.asarray(normalize(eval_sets.x_triggered, dataset.mean, dataset.std)),
+        **normalized_test_images(eval_sets, dataset.mean, dataset.std),
     }
     return suspicion_reports(teacher, teacher_vars, state.hook_state, batches)
 
