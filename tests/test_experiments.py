@@ -93,3 +93,17 @@ def test_append_jsonl_adds_lines_with_numpy_values(tmp_path):
     append_jsonl(path, [{"a": 2.0, "b": [3]}, {"a": float("nan")}])
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
         {"a": 1.5, "b": [0, 1]}, {"a": 2.0, "b": [3]}, {"a": None}]
+
+
+def test_sr_residual_probe_target_rates_per_class():
+    """`experiments.sr_residual_probe.target_rates`: the share of images a model sends to the target,
+    overall and per source class."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments.sr_residual_probe import target_rates
+
+    logits = jnp.eye(3)[jnp.array([0, 1, 0, 0, 2])]  # predictions 0, 1, 0, 0, 2
+    labels = np.array([1, 1, 2, 2, 2])
+    rates = target_rates(lambda x: x, logits, labels, target=0)
+    assert rates == {"all": 60.0, "by_class": {1: 50.0, 2: pytest.approx(66.7)}}
