@@ -8,7 +8,8 @@ loaded or trained). For every
 source class c != target it prints the share of class-c test images that the student sends to the
 target with the trigger (the ASR restricted to c), without it (the clean target rate of c), and
 with it among the images whose clean copy the student does not already send to the target (the
-part the trigger itself causes), overall and per class; appends a JSON line per row to
+part the trigger itself causes), overall and per class, and the clean accuracy (recall) of every
+class, the target's included; appends a JSON line per row to
 DIR/asr_by_class.jsonl. A one-number ASR hides whether a backdoor
 that survives a defense is spread over every class or sits in a few (docs/ABD_SR.md).
 """
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         fn = lambda x: predict(variables, x)  # noqa: E731
         to_target = batched_predict(fn, eval_sets.x_triggered) == eval_sets.target
         clean_to_target = batched_predict(fn, eval_sets.x_triggered_clean) == eval_sets.target
+        correct = batched_predict(fn, eval_sets.x_test) == eval_sets.y_test  # every test image
         rec = {"row": row, "seed": args.seed, "target": int(eval_sets.target),
                "asr": percent(to_target), "clean_target_rate": percent(clean_to_target),
                # the ASR over images whose clean copy the student does not already send to the target:
@@ -63,11 +65,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "asr_by_class": by_class(to_target, labels),
                "clean_target_rate_by_class": by_class(clean_to_target, labels),
                "asr_clean_not_target_by_class": by_class(to_target, labels, ~clean_to_target),
+               "acc": percent(correct), "acc_by_class": by_class(correct, eval_sets.y_test),
                "n_by_class": {int(c): int(np.sum(labels == c)) for c in np.unique(labels)}}
         out.append(rec)
         print(f"{row}: ASR {rec['asr']}%, clean target rate {rec['clean_target_rate']}%, ASR where the clean "
               f"copy is not sent to the target {rec['asr_clean_not_target']}%")
-        for name in ("asr_by_class", "clean_target_rate_by_class", "asr_clean_not_target_by_class"):
+        for name in ("asr_by_class", "clean_target_rate_by_class", "asr_clean_not_target_by_class", "acc_by_class"):
             print(f"  {name:30s}" + "  ".join(f"{c}:{'-' if v is None else v:>5}" for c, v in rec[name].items()))
     append_jsonl(workdir / "asr_by_class.jsonl", out)
     return out
