@@ -22,6 +22,7 @@ Prints a table and appends JSON lines to DIR/sr_residual_probe.jsonl. Findings: 
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import jax
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      reuse_prefix=args.reuse_prefix)
     es, ds, workdir = r.eval_sets, r.dataset, Path(args.workdir)
     sr = quickstart_sr_fields(args.smoke)
+    restarts = max(1, sr["sr_restarts"])
     labels = es.y_test[es.y_test != es.target]  # the order of the ASR sets
     x_clean = normalize(jnp.asarray(es.x_triggered_clean), ds.mean, ds.std)  # the non-target test images
     x_triggered = normalize(jnp.asarray(es.x_triggered), ds.mean, ds.std)  # the same with the real trigger
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                            expected_image_shape=ds.image_shape)
         models[row] = makers[row] = logits_of(model, variables)
         if args.train_mode:  # every sample carries delta, so BN's batch mean absorbs part of it
-            makers[f"{row} (train-mode BN)"] = (lambda apply, v: lambda x: apply(v, x))(train_mode_apply(model), variables)
+            makers[f"{row} (train-mode BN)"] = functools.partial(train_mode_apply(model), variables)
     x_gen = sample_images(r.generator, r.state.generator, jax.random.fold_in(r.state.key, 10**6), r.zc.batch_size,
                           r.zc.z_dim)
     out = []
@@ -87,9 +89,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for init_scale in args.init_scales:
                 delta = synthesize_trigger(fn, x_gen, rounds=rounds, lr=sr["sr_pert_lr"], l2=sr["sr_l2"],
                                            temperature=r.zc.temperature, init_scale=init_scale,
-                                           init_key=jax.random.key(0), restarts=max(1, sr["sr_restarts"]))
+                                           init_key=jax.random.key(0), restarts=restarts)
                 rec = {"kind": "delta", "trigger_model": maker, "rounds": rounds, "init_scale": init_scale,
-                       "restarts": max(1, sr["sr_restarts"]), "l2_norm": float(jnp.linalg.norm(delta)),
+                       "restarts": restarts, "l2_norm": float(jnp.linalg.norm(delta)),
                        "seed": args.seed, "pseudo_batch": r.zc.pseudo_batches - r.zc.sr_pseudo_batches,
                        "target_rate": {judge: target_rates(f, x_clean + delta, labels, es.target)
                                        for judge, f in models.items()}}
