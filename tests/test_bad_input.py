@@ -131,6 +131,8 @@ def test_trigger_restarts_without_random_starts_fail_in_every_method_config():
         with pytest.raises(ValueError, match="restarts must be >= 1"):
             config(sr_restarts=0, sr_init_scale=1e-3)
         assert config(sr_restarts=4, sr_init_scale=1e-3).sr_restarts == 4
+        with pytest.raises(ValueError, match="sr_max_norm = -1.0"):
+            config(sr_max_norm=-1.0)  # a negative trigger bound, refused before the run
 
 
 def test_unknown_optimizer_lists_the_known_ones():

@@ -16,6 +16,7 @@ from abd_jax.abd.self_retrospection import (
     kl_divergence,
     outer_mask,
     perturb_subset,
+    project_l2,
     resume_lr_schedule,
     retrospect,
     self_retrospection,
@@ -116,6 +117,36 @@ def test_trigger_search_from_zero_starts_on_rounding_noise_and_a_random_start_do
     np.testing.assert_allclose(best, min(singles, key=objective), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="restarts"):
         synthesize_trigger(m, x, rounds=1, restarts=2)  # the zero start is a single point
+
+
+def test_bounded_trigger_search_stays_in_the_ball_and_a_loose_bound_changes_nothing(net):
+    """`max_norm` projects every step onto the L2 ball: the result never leaves it, and it still
+    moves M (the search ascends inside the ball); a bound the unbounded search never reaches gives
+    the unbounded result bit for bit; a negative bound is refused."""
+    model, variables, x = net
+
+    def m(xx):
+        return 20.0 * model.apply(variables, xx, train=False)[0]
+
+    free = synthesize_trigger(m, x, rounds=5, lr=0.1, l2=1e-3, init_scale=1e-3)
+    free_norm = float(jnp.linalg.norm(free))
+    assert free_norm > 0.5  # the bound below binds
+    bound = 0.25 * free_norm
+    capped = synthesize_trigger(m, x, rounds=5, lr=0.1, l2=1e-3, init_scale=1e-3, max_norm=bound)
+    assert float(jnp.linalg.norm(capped)) <= bound * (1 + 1e-5)
+    assert float(jnp.linalg.norm(capped)) > 0.9 * bound  # pressed against the boundary, not shrunk to 0
+    clean = m(x)
+    assert float(kl_divergence(clean, m(x + capped))) > 0.0
+    loose = synthesize_trigger(m, x, rounds=5, lr=0.1, l2=1e-3, init_scale=1e-3, max_norm=10 * free_norm)
+    np.testing.assert_array_equal(loose, free)
+    # The projection itself: points inside are unchanged (zero included), outside are scaled to the radius.
+    d = jnp.full((1, 2, 2, 1), 3.0)  # norm 6
+    np.testing.assert_array_equal(project_l2(d, 0.0), d)
+    np.testing.assert_array_equal(project_l2(d, 7.0), d)
+    np.testing.assert_allclose(project_l2(d, 3.0), d / 2, rtol=1e-6)
+    np.testing.assert_array_equal(project_l2(jnp.zeros((1, 2)), 1.0), jnp.zeros((1, 2)))
+    with pytest.raises(ValueError, match="max_norm"):
+        synthesize_trigger(m, x, rounds=1, max_norm=-1.0)
 
 
 def test_perturb_subset_touches_exactly_k_samples():

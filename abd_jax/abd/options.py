@@ -33,6 +33,8 @@ class ABDOptions:
       set by rounding noise, and `sr_restarts` > 1 keeps the best of that many random starts
       (`self_retrospection.synthesize_trigger`, docs/ABD_SR.md); `sr_fresh_starts` draws those
       starts from each batch's own key instead of the same fixed key on every batch.
+      `sr_max_norm` > 0 keeps the trigger search in the L2 ball of that radius (projected after
+      every step; 0, the spec: unbounded).
       `sr_bn_replay` (with the
       teacher's trigger) replays the BN running-stat updates of the reference's 4 train-mode SR
       forwards before each KD forward (`self_retrospection.sr_running_stats`), as the reference;
@@ -58,6 +60,7 @@ class ABDOptions:
     sr_restarts: int = 1
     sr_bn_replay: bool = True
     sr_fresh_starts: bool = False
+    sr_max_norm: float = 0.0
 
     def __post_init__(self) -> None:
         # Checked when the config is made: the trigger search only runs in the SR phase, at the
@@ -66,4 +69,7 @@ class ABDOptions:
             raise ValueError(f"sr_restarts = {self.sr_restarts} with sr_init_scale = {self.sr_init_scale}: "
                              "restarts must be >= 1, and more than 1 needs random starts; set sr_init_scale "
                              "> 0 (e.g. 1e-3) or sr_restarts = 1")
+        if self.sr_max_norm < 0:
+            raise ValueError(f"sr_max_norm = {self.sr_max_norm}: the trigger's L2 bound must be >= 0 "
+                             "(0 = unbounded, the spec)")
 

@@ -110,13 +110,16 @@ def synthesize_trigger(
     init_scale: float = 0.0,
     init_key: jax.Array | None = None,
     restarts: int = 1,
+    max_norm: float = 0.0,
 ) -> jax.Array:
     """A universal perturbation delta [1, *x.shape[1:]] that moves M = `logits_fn` the most (spec 4.1.1).
 
     Starts at zero (the spec; or, with `init_scale` > 0, at init_scale * N(0, 1) drawn from
     `init_key`) and takes `rounds` optax.adam(lr) steps on
     -KL_tau(M(x) || M(x + delta)) + l2 * ||delta||_2^2, the clean side stopped. No projection or
-    clipping (spec 12.2). Deterministic for a given key. With `restarts` = n > 1 (needs
+    clipping (spec 12.2) unless `max_norm` > 0: then every step is followed by a projection onto
+    the L2 ball ||delta|| <= max_norm (projected gradient ascent). Deterministic for a given key.
+    With `restarts` = n > 1 (needs
     init_scale > 0) it searches from n random starts (keys split from `init_key`) and returns the
     delta whose objective ended lowest, i.e. the one that moves M the most.
 
@@ -140,6 +143,9 @@ def synthesize_trigger(
       init_scale: standard deviation of the start (0: the spec's zero start).
       init_key: the start's key (default `jax.random.key(0)`, a fixed start) when init_scale > 0.
       restarts: number of random starts (static); the best one is returned.
+      max_norm: radius of the L2 ball the search is kept in (0: unbounded, the spec). The
+        reference's alternative SR path rescales its trigger to norm <= 10 and has the same
+        rescale commented out in the hypergradient path; docs/ABD_SR.md "Bounding the trigger".
 
     Returns:
       delta, [1, *x.shape[1:]], gradient-stopped.
@@ -161,8 +167,10 @@ def synthesize_trigger(
     def body(_, carry):
         delta, opt_state = carry
         updates, opt_state = opt.update(jax.grad(objective)(delta), opt_state, delta)
-        return optax.apply_updates(delta, updates), opt_state
+        return project_l2(optax.apply_updates(delta, updates), max_norm), opt_state
 
+    if max_norm < 0:
+        raise ValueError(f"max_norm must be >= 0 (0: no bound), got {max_norm}")
     if restarts < 1 or (restarts > 1 and not init_scale):
         raise ValueError(f"restarts must be >= 1, and > 1 only with init_scale > 0 (the zero start is one "
                          f"point); got restarts={restarts}, init_scale={init_scale}")
@@ -184,6 +192,15 @@ def synthesize_trigger(
         return jax.lax.stop_gradient(deltas[0])
     scores = jnp.stack([objective(d) for d in deltas])
     return jax.lax.stop_gradient(jnp.stack(deltas)[jnp.argmin(scores)])
+
+
+def project_l2(delta: jax.Array, max_norm: float) -> jax.Array:
+    """delta scaled onto the L2 ball of radius `max_norm` when it lies outside (0: unchanged)."""
+    if not max_norm:
+        return delta
+    norm = jnp.sqrt(jnp.sum(jnp.square(delta)))
+    # max(norm, max_norm) keeps the division finite at delta = 0 and leaves inner points alone.
+    return delta * (max_norm / jnp.maximum(norm, max_norm))
 
 
 def outer_mask(key: jax.Array, batch_size: int, portion: float) -> jax.Array:
@@ -360,6 +377,7 @@ def retrospect(
     kl_scale: float = 1.0,
     trigger_init_scale: float = 0.0,
     trigger_restarts: int = 1,
+    trigger_max_norm: float = 0.0,
 ) -> tuple[PyTree, Metrics]:
     """Steps 1-4 of spec 4.1 in one call: `synthesize_trigger` then `sr_grads`.
 
@@ -368,7 +386,7 @@ def retrospect(
     (train-mode BN; the ZSKT CLI default and the poster's story) (spec 12.1).
     `trigger_l2` is the synthesis penalty (ZSKT 1e-3, CMI/OOD 0); `l2` the inner-problem one.
     `trigger_init_scale` > 0 starts the synthesis at a random delta drawn from `key`, from
-    `trigger_restarts` starts (see `synthesize_trigger`).
+    `trigger_restarts` starts, and `trigger_max_norm` > 0 bounds its L2 norm (see `synthesize_trigger`).
     Use it as the body of `sr_grad_fn` for the `self_retrospection` transform.
     """
     if isinstance(trigger_logits_fn, str):
@@ -393,6 +411,7 @@ def retrospect(
         init_scale=trigger_init_scale,
         init_key=jax.random.fold_in(key, 1),
         restarts=trigger_restarts,
+        max_norm=trigger_max_norm,
     )
     return sr_grads(
         student_apply,
@@ -416,7 +435,7 @@ def batchmean_sr_hooks(teacher: nn.Module, student: nn.Module, options: Any, tem
     the CMI / OOD-KD code base runs it (spec 4.1, 12.4): every KL at the method's KD `temperature`,
     reduced as batchmean x T^2; the trigger synthesized without an L2 term; the clean side of the
     outer loss not detached. `options`: an `abd.options.ABDOptions` (sr_rounds, sr_pert_lr, sr_l2,
-    sr_portion, sr_fp_iterations, sr_trigger_model, sr_bn_replay). With the teacher as trigger
+    sr_portion, sr_fp_iterations, sr_trigger_model, sr_bn_replay, sr_max_norm). With the teacher as trigger
     model (the reference's choice) `student_sr_prepare` synthesizes the trigger from the images
     alone, and with `sr_bn_replay` `student_sr_stats` replays the running-stat updates of the
     reference's 4 SR forwards (`sr_running_stats`; the reference's `UnlearnOptimizer.step` runs
@@ -430,13 +449,15 @@ def batchmean_sr_hooks(teacher: nn.Module, student: nn.Module, options: Any, tem
     def prepare(teacher_vars: PyTree, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         return synthesize_trigger(lambda z: teacher.apply(teacher_vars, z, train=False)[0], x,
                                   rounds=o.sr_rounds, lr=o.sr_pert_lr, l2=0.0, init_scale=o.sr_init_scale,
-                                  init_key=trigger_start_key(o, key), restarts=o.sr_restarts, **kl)
+                                  init_key=trigger_start_key(o, key), restarts=o.sr_restarts,
+                                  max_norm=o.sr_max_norm, **kl)
 
     def student_sr(student_vars: PyTree, teacher_vars: PyTree, x: jax.Array, key: jax.Array, delta=None):
         if delta is None:  # the student synthesizes its own trigger (the poster's story)
             delta = synthesize_trigger(lambda z: student_apply(student_vars, z), x, rounds=o.sr_rounds,
                                        lr=o.sr_pert_lr, l2=0.0, init_scale=o.sr_init_scale,
-                                       init_key=jax.random.fold_in(key, 1), restarts=o.sr_restarts, **kl)
+                                       init_key=jax.random.fold_in(key, 1), restarts=o.sr_restarts,
+                                       max_norm=o.sr_max_norm, **kl)
         grads, _ = sr_grads(student_apply, student_vars, x, delta, key, portion=o.sr_portion,
                             fp_iterations=o.sr_fp_iterations, l2=o.sr_l2, detach_clean=False, **kl)
         return grads

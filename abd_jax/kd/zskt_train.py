@@ -201,13 +201,15 @@ def sr_hook(teacher, student, cfg: ZSKTConfig):
 
         return synthesize_trigger(teacher_logits, x, rounds=cfg.sr_rounds, lr=cfg.sr_pert_lr, l2=cfg.sr_l2,
                                   temperature=cfg.temperature, init_scale=cfg.sr_init_scale,
-                                  init_key=trigger_start_key(cfg, key), restarts=cfg.sr_restarts)
+                                  init_key=trigger_start_key(cfg, key), restarts=cfg.sr_restarts,
+                                  max_norm=cfg.sr_max_norm)
 
     def student_sr(student_vars: PyTree, teacher_vars: PyTree, x: jax.Array, key: jax.Array, delta=None):
         if delta is None:  # the student synthesizes its own trigger
             grads, _ = retrospect(student_apply, student_vars, x, key, trigger_logits_fn="student",
                                   rounds=cfg.sr_rounds, pert_lr=cfg.sr_pert_lr, trigger_l2=cfg.sr_l2,
-                                  trigger_init_scale=cfg.sr_init_scale, trigger_restarts=cfg.sr_restarts, **kw)
+                                  trigger_init_scale=cfg.sr_init_scale, trigger_restarts=cfg.sr_restarts,
+                                  trigger_max_norm=cfg.sr_max_norm, **kw)
         else:
             grads, _ = sr_grads(student_apply, student_vars, x, delta, key, **kw)
         return grads

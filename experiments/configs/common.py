@@ -84,6 +84,7 @@ def zskt_config(pseudo_batches: int = 300) -> ml_collections.ConfigDict:
     c.sr_init_scale = 0.0  # the trigger search's start: 0 = the spec's zero (ABDOptions.sr_init_scale)
     c.sr_restarts = 1  # random starts of the trigger search, the best kept (ABDOptions.sr_restarts)
     c.sr_fresh_starts = False  # True: each batch's starts from its own key (ABDOptions.sr_fresh_starts)
+    c.sr_max_norm = 0.0  # L2 bound of the trigger search, 0 = unbounded (ABDOptions.sr_max_norm)
     c.sr_fuse = "host"  # how the SR pseudo-batch is compiled (ZSKTConfig.sr_fuse)
     c.sr_bn_replay = True  # the SR forwards move the BN running stats, as the reference (ABDOptions)
     return c
