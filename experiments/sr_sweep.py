@@ -40,10 +40,10 @@ from abd_jax.jobs import teacher_and_eval, zskt_config_from
 from abd_jax.kd.common import DFKDHooks
 from abd_jax.kd.loop import run_steps
 from abd_jax.kd.zskt import sample_images
-from abd_jax.kd.zskt_train import ZSKTConfig, build_zskt, sr_hook, sr_phase
+from abd_jax.kd.zskt_train import ZSKTConfig, build_zskt, memory_pool, sr_hook, sr_phase
 from abd_jax.pipeline import EvalSets, evaluator
 from abd_jax.resume import CheckpointPolicy
-from experiments.configs.quickstart import add_abd_settings, get_config
+from experiments.configs.quickstart import SV_VERIFY_AFTER, add_abd_settings, get_config
 from experiments.overrides import parse_fields
 
 
@@ -53,14 +53,20 @@ def parse_variant(spec: str) -> dict:
     return parse_fields(list(filter(None, spec.split(","))), ZSKTConfig, "--variants", prefix="sr_")
 
 
+def base_config(base: str, smoke: bool = False):
+    """The quickstart job config, with the `--abd` rows' settings for base "quickstart"."""
+    cfg = get_config("smoke" if smoke else None)
+    if base == "quickstart":
+        add_abd_settings(cfg, smoke)
+    return cfg
+
+
 def quickstart_sr_fields(smoke: bool = False) -> dict:
     """The SR fields (ZSKTConfig names) the quickstart's `--abd` rows set, apart from the SR
-    phase's length: the base of `--base quickstart`."""
-    cfg = get_config("smoke" if smoke else None)
-    add_abd_settings(cfg, smoke)
-    zc = zskt_config_from(cfg.zskt)
+    phase's length and memory size (both shape the prefix): the base of `--base quickstart`."""
+    zc = zskt_config_from(base_config("quickstart", smoke).zskt)
     return {f.name: getattr(zc, f.name) for f in dataclasses.fields(zc)
-            if f.name.startswith("sr_") and f.name != "sr_pseudo_batches"}
+            if f.name.startswith("sr_") and f.name not in ("sr_pseudo_batches", "sr_memory")}
 
 
 def trigger_target_rates(teacher, tvars, student, s_vars, x_gen: jax.Array, eval_sets: EvalSets, mean, std,
@@ -81,11 +87,14 @@ def trigger_target_rates(teacher, tvars, student, s_vars, x_gen: jax.Array, eval
 
 
 def resume_point(workdir: str | Path, seed: int, *, sv: bool = False, sr_pseudo_batches: int = 10,
-                 smoke: bool = False, reuse_prefix: bool = False) -> SimpleNamespace:
+                 smoke: bool = False, reuse_prefix: bool = False, memory: int = 0,
+                 memory_from: int = 0) -> SimpleNamespace:
     """The quickstart's teacher (trained or reused from DIR/teacher) and its ZSKT run (with `sv` the
     ZSKT+SV run) at pseudo-batch N - k, where an SR phase of k pseudo-batches would resume it; with
-    `reuse_prefix` checkpointed in / restored from DIR/sr_sweep_prefix. Returns a namespace with
-    cfg (the job config), dataset, eval_sets, teacher, tvars, zc (the ZSKTConfig), student, generator, state, step, workdir."""
+    `reuse_prefix` checkpointed in / restored from DIR/sr_sweep_prefix. With `memory` > 0 the SR
+    memory (`zskt_train.memory_pool`) is pooled from pseudo-batch `memory_from` on, with the key the
+    quickstart uses. Returns a namespace with cfg (the job config), dataset, eval_sets, teacher,
+    tvars, zc (the ZSKTConfig), student, generator, state, step, workdir, memory (None without one)."""
     cfg = get_config("smoke" if smoke else None)
     if smoke:
         sr_pseudo_batches = 1
@@ -94,16 +103,20 @@ def resume_point(workdir: str | Path, seed: int, *, sv: bool = False, sr_pseudo_
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     dataset, eval_sets, teacher, tvars, _ = teacher_and_eval(cfg, workdir)
-    zc = dataclasses.replace(zskt_config_from(cfg.zskt), sv=sv, sr_pseudo_batches=sr_pseudo_batches)
+    zc = dataclasses.replace(zskt_config_from(cfg.zskt), sv=sv, sr_pseudo_batches=sr_pseudo_batches,
+                             sr_memory=memory)
     student, generator, state, step = build_zskt(teacher, dataset, zc, seed, DFKDHooks(), tvars)
+    main_steps = zc.pseudo_batches - zc.sr_pseudo_batches
+    pool, collect = memory_pool(generator, zc, jax.random.key(seed + 4), memory_from, main_steps, state.generator)
     ckpt = None
-    if reuse_prefix:
-        tag = f"{'sv' if sv else 'vanilla'}_k{zc.sr_pseudo_batches}"
+    if reuse_prefix:  # a prefix with a memory has its own directory: its checkpoint holds the pool
+        tag = f"{'sv' if sv else 'vanilla'}_k{zc.sr_pseudo_batches}" + (f"_mem{memory}_from{memory_from}" if memory else "")
         ckpt = CheckpointPolicy(workdir / "sr_sweep_prefix" / tag, resume=True)
-    state, _ = run_steps(step, state, tvars, num_steps=zc.pseudo_batches - zc.sr_pseudo_batches, desc="prefix",
-                         checkpoint=ckpt)
+    state, _ = run_steps(step, state, tvars, num_steps=main_steps, desc="prefix", checkpoint=ckpt,
+                         on_step=collect, host_state=pool)
     return SimpleNamespace(cfg=cfg, dataset=dataset, eval_sets=eval_sets, teacher=teacher, tvars=tvars, zc=zc,
-                           student=student, generator=generator, state=state, step=step, workdir=workdir)
+                           student=student, generator=generator, state=state, step=step, workdir=workdir,
+                           memory=pool["x"] if pool is not None else None)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -118,9 +131,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--smoke", action="store_true", help="the quickstart's seconds-long config (1 SR pseudo-batch)")
     ap.add_argument("--base", choices=("spec", "quickstart"), default="spec",
                     help="what the variants change: the spec's SR defaults, or the quickstart's --abd SR setting")
+    ap.add_argument("--memory", type=int, default=None,
+                    help="pool this many generator samples over the prefix for the SR phase (ZSKTConfig.sr_memory; "
+                         "with --base quickstart from pseudo-batch 50, after its vaccine warm-up, as the quickstart); "
+                         "a variant uses them when its memory_share > 0. Default: the base's sr_memory")
     args = ap.parse_args(argv)
+    if args.memory is None:
+        args.memory = zskt_config_from(base_config(args.base, args.smoke).zskt).sr_memory
+    memory_from = SV_VERIFY_AFTER if args.base == "quickstart" and not args.smoke else 0
     r = resume_point(args.workdir, args.seed, sv=args.sv, sr_pseudo_batches=args.sr_pseudo_batches,
-                     smoke=args.smoke, reuse_prefix=args.reuse_prefix)
+                     smoke=args.smoke, reuse_prefix=args.reuse_prefix, memory=args.memory, memory_from=memory_from)
     dataset, eval_sets, teacher, tvars, zc = r.dataset, r.eval_sets, r.teacher, r.tvars, r.zc
     if args.base == "quickstart":  # SR fields only: the run up to the resume point is the same
         zc = dataclasses.replace(zc, **quickstart_sr_fields(args.smoke))
@@ -142,7 +162,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rates = trigger_target_rates(teacher, tvars, student, state.student.variables, x_gen, eval_sets,
                                      dataset.mean, dataset.std, vc) if vc.sr_trigger_model == "teacher" else {}
         t0 = time.perf_counter()
-        sr_state, sr_step = sr_phase(teacher, student, generator, state, vc, hooks)
+        memory = r.memory if vc.sr_memory and vc.sr_memory_share > 0 else None
+        sr_state, sr_step = sr_phase(teacher, student, generator, state, vc, hooks, memory=memory)
         _, hist = run_steps(sr_step, sr_state, tvars, num_steps=vc.pseudo_batches, start_step=main_steps,
                             evaluate=evaluate, eval_every=1, desc=f"SR {spec}", jit_step=vc.sr_fuse != "host")
         rows.append({"variant": spec, **hist[-1], "seconds": round(time.perf_counter() - t0, 1),
@@ -150,6 +171,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with open(workdir / "sr_sweep.jsonl", "a") as f:
         for row in rows:
             row = {**row, "seed": args.seed, "sv": args.sv, "base": args.base, "sr_pseudo_batches": zc.sr_pseudo_batches,
+                   "memory": args.memory,
                    "device": jax.devices()[0].device_kind}
             f.write(json.dumps(row) + "\n")
             print(f"{row['variant']:40s} acc {row['acc']:5.1f}  asr {row['asr']:5.1f}  ctr {row['clean_target_rate']:5.1f}")

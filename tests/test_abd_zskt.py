@@ -13,7 +13,8 @@ import pytest
 from abd_jax.abd.self_retrospection import set_sr_coef
 from abd_jax.data.embedded import load_digits
 from abd_jax.kd.common import DFKDHooks
-from abd_jax.kd.zskt_train import ZSKTConfig, build_zskt, sr_phase
+from abd_jax.kd.zskt import mix_in_memory
+from abd_jax.kd.zskt_train import ZSKTConfig, build_zskt, memory_pool, sr_phase
 
 from abd_jax.models import get_model, init_model
 from experiments.configs.common import SMOKE_MODEL  # the smallest WRN, as the :smoke configs
@@ -146,6 +147,73 @@ def test_sr_zero_coef_equals_plain_resume_and_nonzero_differs(setup):
     # SR off: no BN replay either, so the running statistics are the plain run's too.
     chex.assert_trees_all_close(s_off.student.batch_stats, s_plain.student.batch_stats, rtol=1e-6, atol=1e-7)
     assert _changed(s_off.student.params, s_on.student.params)
+
+
+def test_mix_in_memory_replaces_the_batch_tail_by_distinct_memory_rows():
+    x = jnp.arange(8.0)[:, None, None, None] * jnp.ones((8, 2, 2, 1))
+    memory = 100.0 + jnp.arange(12.0)[:, None, None, None] * jnp.ones((12, 2, 2, 1))
+    key = jax.random.key(0)
+    chex.assert_trees_all_equal(mix_in_memory(x, memory, key, 0.0), x)
+    for share, n in ((0.5, 4), (0.3, 2), (1.0, 8)):
+        mixed = mix_in_memory(x, memory, key, share)
+        chex.assert_shape(mixed, x.shape)
+        chex.assert_trees_all_equal(mixed[: 8 - n], x[: 8 - n])  # the generator's rows, in order
+        rows = mixed[8 - n:, 0, 0, 0]
+        assert bool(jnp.all(rows >= 100.0)) and len(set(rows.tolist())) == n  # from the memory, no repeats
+
+
+def test_memory_pool_spreads_fresh_generator_samples_over_the_run(setup):
+    ds, teacher, tvars = setup
+    cfg = dataclasses.replace(CFG, sr_memory=10)
+    _, generator, state, _ = build_zskt(teacher, ds, cfg, seed=0, teacher_vars=tvars)
+    assert memory_pool(generator, dataclasses.replace(cfg, sr_memory=0), jax.random.key(4), 0, 2,
+                       state.generator) == (None, None)
+    pool, collect = memory_pool(generator, cfg, jax.random.key(4), 1, 5, state.generator)
+    assert pool["x"].shape == (10, *ds.image_shape)
+    collect(0, state)  # before `start`: nothing pooled
+    assert not pool["x"].any()
+    filled = []
+    for i in range(1, 5):  # after pseudo-batch i, rows [10 (i-1) / 4, 10 i / 4) = 2 or 3 rows
+        collect(i, state)
+        filled.append(int(np.abs(pool["x"]).reshape(10, -1).sum(1).astype(bool).sum()))
+    assert filled == [2, 5, 7, 10]
+    # Fresh samples, each pseudo-batch from its own key: no two rows repeat.
+    assert len({r.tobytes() for r in pool["x"]}) == 10
+
+
+def test_sr_memory_changes_only_the_student_batches(setup):
+    """An SR pseudo-batch with a memory: the generator step (first, on G(z) alone) is the one
+    without; the student steps then see memory rows, so the student differs. Share 0 (or no
+    memory) is the run without one, bit for bit."""
+    ds, teacher, tvars = setup
+    cfg = dataclasses.replace(CFG, sr_memory=8, sr_memory_share=0.5)
+    student, generator, state, _ = build_zskt(teacher, ds, cfg, seed=0, teacher_vars=tvars)
+    memory = np.asarray(jax.random.normal(jax.random.key(7), (8, *ds.image_shape)))
+    runs = {}
+    for name, c, mem in (("none", cfg, None), ("share0", dataclasses.replace(cfg, sr_memory_share=0.0), memory),
+                         ("memory", cfg, memory)):
+        s, step = sr_phase(teacher, student, generator, state, c, DFKDHooks(), memory=mem)
+        runs[name], _ = jax.jit(step)(s, tvars)
+    chex.assert_trees_all_equal(runs["share0"].student.params, runs["none"].student.params)
+    chex.assert_trees_all_equal(runs["memory"].generator.params, runs["none"].generator.params)
+    assert _changed(runs["memory"].student.params, runs["none"].student.params)
+    chex.assert_trees_all_equal(runs["memory"].memory, jnp.asarray(memory))  # carried in the state
+
+
+def test_a_run_with_an_sr_memory_pools_it_over_the_main_run_and_hands_it_to_the_sr_phase(setup):
+    from abd_jax.attacks import make_trigger
+    from abd_jax.kd.zskt_train import distill_zskt_branches
+    from abd_jax.pipeline import make_eval_sets
+
+    ds, teacher, tvars = setup
+    eval_sets = make_eval_sets(ds, make_trigger("badnets_grid", ds.image_shape[0]), 0)
+    cfg = dataclasses.replace(CFG, sr_memory=8, sr_memory_share=0.5)
+    res = distill_zskt_branches(teacher, tvars, ds, eval_sets, cfg, endings=("plain", "sr"))
+    assert res["plain"].state.memory is None  # the plain ending never sees it
+    memory = np.asarray(res["sr"].state.memory)
+    assert memory.shape == (8, *ds.image_shape) and len({r.tobytes() for r in memory}) == 8
+    assert np.isfinite(memory).all() and np.abs(memory).reshape(8, -1).sum(1).all()  # every row filled
+    assert [h["step"] for h in res["sr"].history][-1] == cfg.pseudo_batches
 
 
 def test_sr_bn_replay_moves_only_the_running_statistics(setup):

@@ -552,3 +552,15 @@ def test_nan_or_inf_loss_stops_teacher_fit(value):
     msg = str(e.value)
     assert "teacher: loss became" in msg and "epoch 2" in msg and "lower the learning rate" in msg
     assert epochs_done == [1]
+
+
+def test_an_sr_memory_that_cannot_fill_its_share_is_refused_with_the_fix():
+    """A memory smaller than its share of a batch (or a share outside [0, 1]) would fail only when
+    the SR phase starts, after the whole main run: the config refuses it and names the fix."""
+    with pytest.raises(ValueError, match="raise sr_memory or lower sr_memory_share"):
+        ZSKTConfig(batch_size=256, sr_memory=100, sr_memory_share=0.5)
+    with pytest.raises(ValueError, match=r"share of an SR batch is in \[0, 1\]"):
+        ZSKTConfig(sr_memory=512, sr_memory_share=1.5)
+    with pytest.raises(ValueError, match="sr_memory = -1"):
+        ZSKTConfig(sr_memory=-1)
+    assert ZSKTConfig(batch_size=256, sr_memory=128, sr_memory_share=0.5).sr_memory == 128

@@ -40,6 +40,26 @@ class ZSKTState(struct.PyTreeNode):
     step: jax.Array  # pseudo-batch index
     key: jax.Array
     hook_state: Any = None  # e.g. the Shuffling Vaccine's state; None for vanilla ZSKT
+    # Generator samples pooled over the main run [M, H, W, C] that the SR phase mixes into its
+    # batches (ZSKTConfig.sr_memory, `mix_in_memory`); None otherwise, which adds no leaves, so
+    # states and checkpoints without a memory are as before.
+    memory: Any = None
+
+
+def mix_in_memory(x: jax.Array, memory: jax.Array, key: jax.Array, share: float) -> jax.Array:
+    """x with its last round(share * B) rows replaced by distinct memory rows drawn with `key`.
+
+    Why: ZSKT's student sees only the current generator's batch, and by the end of a run the
+    generator may make a few classes only (on one quickstart seed five classes were under 1% of its
+    samples); a resumed SR phase, a fresh optimizer at a real learning rate, then makes the
+    student forget the rest. Earlier samples keep those classes in its batches (docs/ABD_SR.md
+    "A memory of generator samples for the SR phase"). Static shapes; share 0 returns x.
+    """
+    n = int(round(share * x.shape[0]))
+    if n == 0:
+        return x
+    idx = jax.random.choice(key, memory.shape[0], (n,), replace=False)
+    return jnp.concatenate([x[: x.shape[0] - n], memory[idx].astype(x.dtype)], axis=0)
 
 
 def make_pseudo_batch(
@@ -61,6 +81,7 @@ def make_pseudo_batch(
     recompute: bool = False,
     generator_objective: GeneratorObjective | None = None,
     student_loss: StudentLossFn | None = None,
+    memory_share: float = 0.0,
 ) -> Callable[[ZSKTState, PyTree], tuple[ZSKTState, Metrics]]:
     """Returns `pseudo_batch(state, teacher_variables) -> (state, metrics)`; not jitted.
 
@@ -84,6 +105,9 @@ def make_pseudo_batch(
         code path unchanged. The SV penalty is added to either.
       student_loss: `(t_logits, t_feats, s_logits, s_feats) -> (loss, metrics)` replacing ZSKT's
         KL_tau + beta * AT (`kd_loss`, the default when None).
+      memory_share: with a `state.memory`, this share of each student batch comes from it
+        (`mix_in_memory`; the teacher's outputs are computed on the mixed batch). The generator
+        step still sees G(z) alone.
     """
     if fuse not in ("unroll", "scan", "host"):
         raise ValueError(f"fuse must be 'unroll', 'scan' or 'host', got {fuse!r}")
@@ -143,7 +167,12 @@ def make_pseudo_batch(
 
     def images_and_targets(state: ZSKTState, teacher_vars: PyTree, z: jax.Array):
         x, _ = forward(generator, state.generator, z, train=True)  # G is always in train mode
-        x = constrain_batch(jax.lax.stop_gradient(x))  # see `generator_half`
+        x = jax.lax.stop_gradient(x)
+        if state.memory is not None and memory_share > 0:
+            # Its own stream (2): the z, penalty and SR keys of the pseudo-batch are unchanged.
+            k_mem = jax.random.fold_in(jax.random.fold_in(state.key, state.step), 2)
+            x = mix_in_memory(x, state.memory, k_mem, memory_share)
+        x = constrain_batch(x)  # see `generator_half`
         t_logits, t_feats = teacher_out(teacher_vars, x)
         return x, t_logits, t_feats
 

@@ -104,9 +104,21 @@ class ZSKTConfig(ABDOptions):
     # How the SR phase's pseudo-batch is compiled: "host" jits one SR student step and loops over
     # it in Python (compiles in ~1/10 of the time of "unroll", same values); see make_pseudo_batch.
     sr_fuse: str = "host"
+    # A memory for the SR phase (a departure from the reference, docs/ABD_SR.md "A memory of
+    # generator samples for the SR phase"): `sr_memory` generator samples pooled evenly over the
+    # main run's pseudo-batches (after any vaccine warm-up), of which `sr_memory_share` of every SR
+    # batch is drawn (`zskt.mix_in_memory`). 0: the SR phase sees the current generator only.
+    sr_memory: int = 0
+    sr_memory_share: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.sr_memory < 0 or not 0.0 <= self.sr_memory_share <= 1.0:
+            raise ValueError(f"sr_memory = {self.sr_memory}, sr_memory_share = {self.sr_memory_share}: the memory "
+                             "holds >= 0 images (0 = off) and its share of an SR batch is in [0, 1]")
+        if self.sr_memory and round(self.sr_memory_share * self.batch_size) > self.sr_memory:
+            raise ValueError(f"sr_memory = {self.sr_memory} images cannot fill {self.sr_memory_share} of a batch of "
+                             f"{self.batch_size}; raise sr_memory or lower sr_memory_share")
         # Checked here, not where each field is first used: sr_fuse and sr_trigger_model are only
         # read when the SR phase starts, after the whole main run.
         choices = {
@@ -272,30 +284,58 @@ def build_zskt(teacher, dataset: Dataset, cfg: ZSKTConfig, seed: int, hooks: DFK
 
 
 def _pseudo_batch_fn(teacher, student, generator, s_tx, g_tx, cfg: ZSKTConfig, hooks: DFKDHooks,
-                     fuse: str | None = None):
+                     fuse: str | None = None, memory_share: float = 0.0):
     objective, student_loss = method_losses(cfg.method, temperature=cfg.temperature, dafl_oh=cfg.dafl_oh,
                                             dafl_act=cfg.dafl_act, dafl_balance=cfg.dafl_balance)
     return make_pseudo_batch(
         teacher, student, generator, s_tx, g_tx, batch_size=cfg.batch_size, z_dim=cfg.z_dim,
         n_student_steps=cfg.n_student_steps, temperature=cfg.temperature, beta=cfg.beta,
         hooks=hooks, fuse=fuse or cfg.fuse, scan_unroll=cfg.scan_unroll,
-        generator_objective=objective, student_loss=student_loss,
+        generator_objective=objective, student_loss=student_loss, memory_share=memory_share,
     )
 
 
-def sr_phase(teacher, student, generator, state: ZSKTState, cfg: ZSKTConfig, hooks: DFKDHooks):
+def sr_phase(teacher, student, generator, state: ZSKTState, cfg: ZSKTConfig, hooks: DFKDHooks,
+             memory: np.ndarray | None = None):
     """The SR resume of spec 4.2: the student gets a fresh `self_retrospection` + Adam optimizer
     (cosine from `sr_resume_lr` over the remaining pseudo-batches, no clipping); the generator,
     its optimizer and schedule, and the vaccine state carry on. Returns (state, pseudo_batch fn);
-    with `cfg.sr_fuse == "host"` the function compiles its own pieces (do not wrap it in jax.jit)."""
+    with `cfg.sr_fuse == "host"` the function compiles its own pieces (do not wrap it in jax.jit).
+    `memory` (from `memory_pool`, with `cfg.sr_memory`): images that fill `cfg.sr_memory_share` of
+    every SR batch, carried in the state (`ZSKTState.memory`)."""
     s_tx = sr_resume_optimizer(cfg.sr_resume_lr, cfg.sr_pseudo_batches,
                                updates_per_step=cfg.n_student_steps, coef=cfg.sr_coef)
     student_state = state.student.replace(opt_state=s_tx.init(state.student.params))
     g_tx = _generator_tx(cfg)  # the same transformation as before the resume: its state carries on
     student_sr, prepare, sr_stats = sr_hook(teacher, student, cfg)
     hooks = hooks._replace(student_sr=student_sr, student_sr_prepare=prepare, student_sr_stats=sr_stats)
-    step = _pseudo_batch_fn(teacher, student, generator, s_tx, g_tx, cfg, hooks, fuse=cfg.sr_fuse)
-    return state.replace(student=student_state), step
+    share = cfg.sr_memory_share if memory is not None else 0.0
+    step = _pseudo_batch_fn(teacher, student, generator, s_tx, g_tx, cfg, hooks, fuse=cfg.sr_fuse,
+                            memory_share=share)
+    state = state.replace(student=student_state)
+    return (state.replace(memory=jnp.asarray(memory)) if memory is not None else state), step
+
+
+def memory_pool(generator, cfg: ZSKTConfig, key: jax.Array, start: int, stop: int, g_state_like: Any):
+    """The SR phase's memory (`cfg.sr_memory` images), pooled after pseudo-batches start..stop-1:
+    returns (host_state {"x": [M, H, W, C]}, on_step) for `run_steps` (which checkpoints and
+    restores the pool with the run), or (None, None) without a memory. After pseudo-batch i the
+    generator's fresh samples fill rows [M (i-start) / n, M (i-start+1) / n), n = stop - start, so
+    the memory spreads evenly over the run; drawn with their own key, they leave the run as it was."""
+    if not cfg.sr_memory or stop <= start:
+        return None, None
+    n, m = stop - start, cfg.sr_memory
+    per = -(-m // n)  # the most rows one pseudo-batch fills
+    sample = jax.jit(lambda g, k: sample_images(generator, g, k, per, cfg.z_dim))
+    pool = {"x": np.zeros((m, *jax.eval_shape(sample, g_state_like, key).shape[1:]), np.float32)}
+
+    def collect(i: int, s: ZSKTState) -> None:
+        if start <= i < stop:
+            lo, hi = m * (i - start) // n, m * (i - start + 1) // n
+            if hi > lo:
+                pool["x"][lo:hi] = np.asarray(sample(s.generator, jax.random.fold_in(key, i)))[: hi - lo]
+
+    return pool, collect
 
 
 def sv_report(teacher, teacher_vars: PyTree, generator, state: ZSKTState, dataset: Dataset,
@@ -471,7 +511,11 @@ def _finish_branches(run: _RunContext, step, state: ZSKTState, history: list[dic
     `distill_zskt_branches`). `t0` is when the run (including any shared warm-up) started."""
     cfg, teacher, tv = run.cfg, run.teacher, run.teacher_vars
     main_steps = cfg.pseudo_batches - cfg.sr_pseudo_batches
-    state, more = run_steps(step, state, tv, num_steps=main_steps, start_step=start, **run.run_kwargs())
+    sr_ending = "sr" in endings and main_steps < cfg.pseudo_batches
+    pool, collect = (memory_pool(run.generator, cfg, jax.random.key(run.seed + 4), start, main_steps,
+                                 state.generator) if sr_ending else (None, None))
+    state, more = run_steps(step, state, tv, num_steps=main_steps, start_step=start, on_step=collect,
+                            host_state=pool, **run.run_kwargs())
     history = history + more
     main_s = time.perf_counter() - t0
     results = {}
@@ -483,7 +527,8 @@ def _finish_branches(run: _RunContext, step, state: ZSKTState, history: list[dic
                                                **run.run_kwargs())
         elif ending == "sr" and main_steps < cfg.pseudo_batches:
             sr_hooks = with_sv_penalty(run.hooks, teacher, cfg) if cfg.sv else run.hooks
-            end_state, sr_step = sr_phase(teacher, run.student, run.generator, state, cfg, sr_hooks)
+            end_state, sr_step = sr_phase(teacher, run.student, run.generator, state, cfg, sr_hooks,
+                                          memory=pool["x"] if pool is not None else None)
             end_state, end_history = run_steps(
                 sr_step, end_state, tv, num_steps=cfg.pseudo_batches, start_step=main_steps,
                 **{**run.run_kwargs(), "desc": f"{run.desc} (SR)",

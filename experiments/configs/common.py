@@ -87,6 +87,8 @@ def zskt_config(pseudo_batches: int = 300) -> ml_collections.ConfigDict:
     c.sr_max_norm = 0.0  # L2 bound of the trigger search, 0 = unbounded (ABDOptions.sr_max_norm)
     c.sr_fuse = "host"  # how the SR pseudo-batch is compiled (ZSKTConfig.sr_fuse)
     c.sr_bn_replay = True  # the SR forwards move the BN running stats, as the reference (ABDOptions)
+    c.sr_memory = 0  # generator samples pooled for the SR phase, 0 = none (ZSKTConfig.sr_memory)
+    c.sr_memory_share = 0.5  # their share of each SR batch (ZSKTConfig.sr_memory_share)
     return c
 
 
