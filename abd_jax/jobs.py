@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from jax.sharding import Mesh
 
@@ -23,6 +22,7 @@ from abd_jax.checkpoint import CheckpointError, load_teacher, read_teacher_meta,
 from abd_jax.data import load_dataset
 from abd_jax.kd.clean import distill_clean
 from abd_jax.kd.zskt_train import ZSKTConfig, distill_zskt, distill_zskt_ablation
+from abd_jax.machine import machine_info
 from abd_jax.methods import METHODS, distill, get_method, method_config, with_abd
 from abd_jax.pipeline import EvalSets, make_eval_sets, poison, train_classifier
 from abd_jax.resume import CheckpointPolicy
@@ -280,12 +280,13 @@ def results_table(teacher: dict, rows: dict[str, dict]) -> str:
 def write_results(workdir: Path, cfg, teacher: dict, rows: dict[str, dict], wall_s: float, title: str) -> str:
     """results.json + summary.md; returns the markdown table."""
     table = results_table(teacher, rows)
+    machine = machine_info()
     write_json(workdir / "results.json", {
         "teacher": _pct(teacher), "rows": rows, "seed": cfg.seed, "wall_s": round(wall_s, 1),
-        "device": jax.devices()[0].device_kind, "config": cfg.to_dict(),
+        "device": machine["device"], "machine": machine, "config": cfg.to_dict(),
     })
     write_text(workdir / "summary.md", f"# {title}\n\n{table}\nseed {cfg.seed}, {wall_s:.0f} s on "
-               f"{jax.devices()[0].device_kind}. Config in results.json.\n")
+               f"{machine['device']} ({machine['cpu']}). Machine and config in results.json.\n")
     return table
 
 

@@ -41,6 +41,7 @@ from abd_jax.kd.common import DFKDHooks
 from abd_jax.kd.loop import run_steps
 from abd_jax.kd.zskt import sample_images
 from abd_jax.kd.zskt_train import ZSKTConfig, build_zskt, memory_pool, sr_hook, sr_phase
+from abd_jax.machine import machine_info
 from abd_jax.pipeline import EvalSets, evaluator
 from abd_jax.resume import CheckpointPolicy
 from experiments.configs.quickstart import SV_VERIFY_AFTER, add_abd_settings, get_config
@@ -171,8 +172,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with open(workdir / "sr_sweep.jsonl", "a") as f:
         for row in rows:
             row = {**row, "seed": args.seed, "sv": args.sv, "base": args.base, "sr_pseudo_batches": zc.sr_pseudo_batches,
-                   "memory": args.memory,
-                   "device": jax.devices()[0].device_kind}
+                   "memory": args.memory, **machine_info()}
             f.write(json.dumps(row) + "\n")
             print(f"{row['variant']:40s} acc {row['acc']:5.1f}  asr {row['asr']:5.1f}  ctr {row['clean_target_rate']:5.1f}")
     return rows
