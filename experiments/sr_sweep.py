@@ -44,7 +44,7 @@ from abd_jax.kd.zskt_train import ZSKTConfig, build_zskt, memory_pool, sr_hook, 
 from abd_jax.machine import machine_info
 from abd_jax.pipeline import EvalSets, evaluator
 from abd_jax.resume import CheckpointPolicy
-from experiments.configs.quickstart import SV_VERIFY_AFTER, add_abd_settings, get_config
+from experiments.configs.quickstart import add_abd_settings, get_config
 from experiments.overrides import parse_fields
 
 
@@ -108,7 +108,7 @@ def resume_point(workdir: str | Path, seed: int, *, sv: bool = False, sr_pseudo_
                              sr_memory=memory)
     student, generator, state, step = build_zskt(teacher, dataset, zc, seed, DFKDHooks(), tvars)
     main_steps = zc.pseudo_batches - zc.sr_pseudo_batches
-    pool, collect = memory_pool(generator, zc, jax.random.key(seed + 4), memory_from, main_steps, state.generator)
+    pool, collect = memory_pool(generator, zc, seed, memory_from, main_steps, state.generator)
     ckpt = None
     if reuse_prefix:  # a prefix with a memory has its own directory: its checkpoint holds the pool
         tag = f"{'sv' if sv else 'vanilla'}_k{zc.sr_pseudo_batches}" + (f"_mem{memory}_from{memory_from}" if memory else "")
@@ -137,9 +137,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "with --base quickstart from pseudo-batch 50, after its vaccine warm-up, as the quickstart); "
                          "a variant uses them when its memory_share > 0. Default: the base's sr_memory")
     args = ap.parse_args(argv)
+    base = zskt_config_from(base_config(args.base, args.smoke).zskt)
     if args.memory is None:
-        args.memory = zskt_config_from(base_config(args.base, args.smoke).zskt).sr_memory
-    memory_from = SV_VERIFY_AFTER if args.base == "quickstart" and not args.smoke else 0
+        args.memory = base.sr_memory
+    # Pooled from where the base's main run pools it: after its vaccine warm-up, if it has one.
+    memory_from = base.sv_verify_after
     r = resume_point(args.workdir, args.seed, sv=args.sv, sr_pseudo_batches=args.sr_pseudo_batches,
                      smoke=args.smoke, reuse_prefix=args.reuse_prefix, memory=args.memory, memory_from=memory_from)
     dataset, eval_sets, teacher, tvars, zc = r.dataset, r.eval_sets, r.teacher, r.tvars, r.zc
@@ -169,10 +171,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             evaluate=evaluate, eval_every=1, desc=f"SR {spec}", jit_step=vc.sr_fuse != "host")
         rows.append({"variant": spec, **hist[-1], "seconds": round(time.perf_counter() - t0, 1),
                      "asr_curve": [round(h["asr"], 1) for h in hist], **rates})
+    machine = machine_info()
     with open(workdir / "sr_sweep.jsonl", "a") as f:
         for row in rows:
             row = {**row, "seed": args.seed, "sv": args.sv, "base": args.base, "sr_pseudo_batches": zc.sr_pseudo_batches,
-                   "memory": args.memory, **machine_info()}
+                   "memory": args.memory, **machine}
             f.write(json.dumps(row) + "\n")
             print(f"{row['variant']:40s} acc {row['acc']:5.1f}  asr {row['asr']:5.1f}  ctr {row['clean_target_rate']:5.1f}")
     return rows

@@ -166,9 +166,8 @@ def test_memory_pool_spreads_fresh_generator_samples_over_the_run(setup):
     ds, teacher, tvars = setup
     cfg = dataclasses.replace(CFG, sr_memory=10)
     _, generator, state, _ = build_zskt(teacher, ds, cfg, seed=0, teacher_vars=tvars)
-    assert memory_pool(generator, dataclasses.replace(cfg, sr_memory=0), jax.random.key(4), 0, 2,
-                       state.generator) == (None, None)
-    pool, collect = memory_pool(generator, cfg, jax.random.key(4), 1, 5, state.generator)
+    assert memory_pool(generator, dataclasses.replace(cfg, sr_memory=0), 0, 0, 2, state.generator) == (None, None)
+    pool, collect = memory_pool(generator, cfg, 0, 1, 5, state.generator)
     assert pool["x"].shape == (10, *ds.image_shape)
     collect(0, state)  # before `start`: nothing pooled
     assert not pool["x"].any()

@@ -316,14 +316,16 @@ def sr_phase(teacher, student, generator, state: ZSKTState, cfg: ZSKTConfig, hoo
     return (state.replace(memory=jnp.asarray(memory)) if memory is not None else state), step
 
 
-def memory_pool(generator, cfg: ZSKTConfig, key: jax.Array, start: int, stop: int, g_state_like: Any):
+def memory_pool(generator, cfg: ZSKTConfig, seed: int, start: int, stop: int, g_state_like: Any):
     """The SR phase's memory (`cfg.sr_memory` images), pooled after pseudo-batches start..stop-1:
     returns (host_state {"x": [M, H, W, C]}, on_step) for `run_steps` (which checkpoints and
     restores the pool with the run), or (None, None) without a memory. After pseudo-batch i the
     generator's fresh samples fill rows [M (i-start) / n, M (i-start+1) / n), n = stop - start, so
-    the memory spreads evenly over the run; drawn with their own key, they leave the run as it was."""
+    the memory spreads evenly over the run; drawn with their own key (from the run's `seed`), they
+    leave the run as it was."""
     if not cfg.sr_memory or stop <= start:
         return None, None
+    key = jax.random.key(seed + 4)  # seed .. seed + 3 key the run's other streams
     n, m = stop - start, cfg.sr_memory
     per = -(-m // n)  # the most rows one pseudo-batch fills
     sample = jax.jit(lambda g, k: sample_images(generator, g, k, per, cfg.z_dim))
@@ -512,8 +514,8 @@ def _finish_branches(run: _RunContext, step, state: ZSKTState, history: list[dic
     cfg, teacher, tv = run.cfg, run.teacher, run.teacher_vars
     main_steps = cfg.pseudo_batches - cfg.sr_pseudo_batches
     sr_ending = "sr" in endings and main_steps < cfg.pseudo_batches
-    pool, collect = (memory_pool(run.generator, cfg, jax.random.key(run.seed + 4), start, main_steps,
-                                 state.generator) if sr_ending else (None, None))
+    pool, collect = (memory_pool(run.generator, cfg, run.seed, start, main_steps, state.generator)
+                     if sr_ending else (None, None))
     state, more = run_steps(step, state, tv, num_steps=main_steps, start_step=start, on_step=collect,
                             host_state=pool, **run.run_kwargs())
     history = history + more
