@@ -71,8 +71,11 @@ def main(argv: list[str] | None = None) -> dict:
     if any(vaccine.values()):
         text += "\nShuffling Vaccine per seed: " + ", ".join(f"{s}: {v}" for s, v in vaccine.items()) + "\n"
     wall = {seed: r["wall_s"] for seed, r in per_seed.items()}
+    # Per seed, not once: an interrupted sweep may finish on another machine, and the CPU alone
+    # changes a run (README "The CPU changes the run too").
+    machine = {seed: r.get("machine") for seed, r in per_seed.items()}
     write_json(workdir / "results.json", {"seeds": args.seeds, "rows": agg, "wall_s": wall, "sv_vaccine": vaccine,
-                                          "config": next(iter(per_seed.values())).get("config")})
+                                          "machine": machine, "config": next(iter(per_seed.values())).get("config")})
     write_text(workdir / "summary.md", "# Quickstart over seeds\n\n" + text + "\n\nWall time per seed (s): "
                + ", ".join(f"{s}: {w:.0f}" for s, w in wall.items()) + "\n")
     print(text)

@@ -20,6 +20,22 @@ def test_seed_aggregate_is_mean_and_sample_std():
     assert "92.0 ± 2.0" in table(agg, [0, 1, 2])
 
 
+def test_seed_sweep_records_each_seeds_machine_and_reruns_nothing_done(tmp_path):
+    import json
+
+    from experiments.quickstart_seeds import main
+
+    for seed, cpu in ((0, "AMD EPYC"), (1, "Intel Xeon")):  # seeds finished on two machines
+        d = tmp_path / f"seed_{seed}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({**_result(90.0 + seed, 80.0), "wall_s": 1.0,
+                                                    "machine": {"cpu": cpu}, "config": {}}))
+    main(["--workdir", str(tmp_path), "--seeds", "0", "1"])  # both done: only aggregates
+    out = json.loads((tmp_path / "results.json").read_text())
+    assert out["machine"] == {"0": {"cpu": "AMD EPYC"}, "1": {"cpu": "Intel Xeon"}}
+    assert out["rows"]["zskt"]["acc"]["values"] == [90.0, 91.0]
+
+
 def test_sr_variant_parsing():
     assert parse_variant("portion=0.5,rounds=20") == {"sr_portion": 0.5, "sr_rounds": 20}
     assert parse_variant("sr_coef=50,trigger_model=student") == {"sr_coef": 50, "sr_trigger_model": "student"}
