@@ -34,6 +34,10 @@ def cpu_description(cpuinfo: str | None = None) -> dict[str, object]:
 
 
 def machine_info() -> dict[str, object]:
-    """The accelerator, the CPU, XLA_FLAGS and the JAX version (starts JAX's backends)."""
+    """The accelerator, the CPU, XLA_FLAGS and the JAX version (starts JAX's backends).
+
+    XLA_FLAGS as this process runs with them: the entry points add their Eigen-convolution flag
+    (`abd_jax.xla_cpu`, unless ABD_JAX_XLA_DEFAULTS=1) to whatever the shell set, so the flag appears
+    even when the shell set none."""
     return {"device": jax.devices()[0].device_kind, **cpu_description(), "cores": os.cpu_count(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}

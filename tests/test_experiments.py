@@ -1,8 +1,10 @@
 """Host-side helpers of the experiment scripts (no compiles)."""
 
+import json
+
 import pytest
 
-from experiments.quickstart_seeds import aggregate, table
+from experiments.quickstart_seeds import aggregate, main as quickstart_seeds_main, table
 from experiments.sr_sweep import parse_variant, quickstart_sr_fields
 
 
@@ -21,16 +23,12 @@ def test_seed_aggregate_is_mean_and_sample_std():
 
 
 def test_seed_sweep_records_each_seeds_machine_and_reruns_nothing_done(tmp_path):
-    import json
-
-    from experiments.quickstart_seeds import main
-
     for seed, cpu in ((0, "AMD EPYC"), (1, "Intel Xeon")):  # seeds finished on two machines
         d = tmp_path / f"seed_{seed}"
         d.mkdir()
         (d / "results.json").write_text(json.dumps({**_result(90.0 + seed, 80.0), "wall_s": 1.0,
                                                     "machine": {"cpu": cpu}, "config": {}}))
-    main(["--workdir", str(tmp_path), "--seeds", "0", "1"])  # both done: only aggregates
+    quickstart_seeds_main(["--workdir", str(tmp_path), "--seeds", "0", "1"])  # both done: only aggregates
     out = json.loads((tmp_path / "results.json").read_text())
     assert out["machine"] == {"0": {"cpu": "AMD EPYC"}, "1": {"cpu": "Intel Xeon"}}
     assert out["rows"]["zskt"]["acc"]["values"] == [90.0, 91.0]
