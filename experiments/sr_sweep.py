@@ -77,7 +77,7 @@ def trigger_target_rates(teacher, tvars, student, s_vars, x_gen: jax.Array, eval
     non-target images; the share of them the teacher (and the student) then send to the target.
     The real trigger sends the teacher's 100% there; clean images about 0-2%."""
     _, prepare, _ = sr_hook(teacher, student, cfg)  # the SR phase's own trigger synthesis
-    delta = prepare(tvars, x_gen)
+    delta = prepare(tvars, x_gen, None, s_vars)
     x = normalize(jnp.asarray(eval_sets.x_triggered_clean), mean, std) + delta
     rates = {}
     for name, model, variables in (("teacher", teacher, tvars), ("student", student, s_vars)):

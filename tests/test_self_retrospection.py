@@ -354,3 +354,89 @@ def test_batchmean_prepare_draws_fresh_starts_only_when_asked(net):
         assert bool(jnp.any(a != b)) == fresh
         if not fresh:
             np.testing.assert_array_equal(np.asarray(a), np.asarray(prepare(variables, x)))
+
+
+def test_trigger_target_class_is_where_the_perturbed_batch_goes(net):
+    """The class a trigger sends the batch to: the argmax of the batch-mean softmax on x + delta."""
+    from abd_jax.abd.self_retrospection import trigger_target_class
+
+    def logits_fn(z):  # class 3 grows with the mean of the input
+        return jnp.zeros((z.shape[0], 5)).at[:, 3].set(jnp.mean(z, axis=(1, 2, 3)))
+
+    x = jnp.zeros((B, HW, HW, C))
+    assert int(trigger_target_class(logits_fn, x, jnp.full((1, HW, HW, C), 2.0))) == 3
+    assert int(trigger_target_class(logits_fn, x, jnp.full((1, HW, HW, C), -2.0))) == 0  # 3 lowest: ties -> 0
+    model, variables, xs = net
+    d = jax.random.normal(jax.random.key(5), (1, HW, HW, C))
+    expected = jnp.argmax(jnp.mean(jax.nn.softmax(model.apply(variables, xs + d)[0]), axis=0))
+    assert int(trigger_target_class(teacher_fn(model, variables), xs, d)) == int(expected)
+
+
+def test_targeted_trigger_moves_the_batch_to_the_target_and_zero_rounds_is_the_start(net):
+    from abd_jax.abd.self_retrospection import targeted_trigger
+
+    model, variables, x = net
+    fn = teacher_fn(model, variables)
+    start = 0.01 * jax.random.normal(jax.random.key(3), (1, HW, HW, C))
+    scores = model.apply(variables, x + start)[0]
+    target = jnp.argmin(jnp.mean(scores, axis=0))  # the class the batch is least in
+
+    def target_prob(d):
+        return float(jnp.mean(jax.nn.softmax(model.apply(variables, x + d)[0])[:, target]))
+
+    np.testing.assert_array_equal(np.asarray(targeted_trigger(fn, x, start, target, rounds=0)), np.asarray(start))
+    moved = targeted_trigger(fn, x, start, target, rounds=30, lr=0.1, l2=0.0)
+    assert moved.shape == start.shape
+    assert target_prob(moved) > target_prob(start) + 0.1, (target_prob(start), target_prob(moved))
+    # jit-able with a traced target, same values
+    jitted = jax.jit(lambda t: targeted_trigger(fn, x, start, t, rounds=30, lr=0.1, l2=0.0))(target)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(moved), atol=1e-5)
+
+
+def test_refine_on_student_is_off_at_zero_rounds_and_needs_the_student_otherwise(net):
+    from abd_jax.abd.options import ABDOptions
+    from abd_jax.abd.self_retrospection import refine_on_student, trigger_target_class
+
+    model, variables, x = net
+    teacher = teacher_fn(model, variables)
+    delta = 0.5 * jax.random.normal(jax.random.key(4), (1, HW, HW, C))
+    off = refine_on_student(ABDOptions(), model, None, teacher, x, delta, l2=1e-3)
+    assert off is delta  # the spec: the teacher's trigger as it is, student not needed
+    opts = ABDOptions(sr_refine_rounds=30)
+    with pytest.raises(ValueError, match="student variables"):
+        refine_on_student(opts, model, None, teacher, x, delta, l2=1e-3)
+    # A student that differs from the teacher: the refined trigger sends more of the batch to the
+    # class the teacher's trigger points at, as the student (eval mode) sees it.
+    student_vars = jax.tree.map(lambda v: v * 0.5, variables)
+    target = trigger_target_class(teacher, x, delta)
+    refined = refine_on_student(opts, model, student_vars, teacher, x, delta, l2=1e-3)
+
+    def student_target_prob(d):
+        return float(jnp.mean(jax.nn.softmax(model.apply(student_vars, x + d)[0])[:, target]))
+
+    assert student_target_prob(refined) > student_target_prob(delta), (student_target_prob(delta),
+                                                                       student_target_prob(refined))
+
+
+def test_refine_rounds_are_checked_with_the_config():
+    from abd_jax.abd.options import ABDOptions
+
+    with pytest.raises(ValueError, match="sr_refine_rounds"):
+        ABDOptions(sr_refine_rounds=-1)
+    with pytest.raises(ValueError, match="sr_trigger_model = 'teacher'"):
+        ABDOptions(sr_refine_rounds=5, sr_trigger_model="student")
+    assert ABDOptions(sr_refine_rounds=5).sr_refine_rounds == 5
+
+
+def test_batchmean_prepare_refines_on_the_student_it_is_given(net):
+    """CMI / OOD-KD's hook: with sr_refine_rounds the prepared trigger depends on the student
+    variables passed in; at 0 it does not."""
+    from abd_jax.abd.options import ABDOptions
+    from abd_jax.abd.self_retrospection import batchmean_sr_hooks
+
+    model, variables, x = net
+    other = jax.tree.map(lambda v: v * 0.5, variables)
+    for rounds in (0, 5):
+        prepare = batchmean_sr_hooks(model, model, ABDOptions(sr_rounds=3, sr_refine_rounds=rounds), 1.0)[1]
+        a, b = prepare(variables, x, None, variables), prepare(variables, x, None, other)
+        assert bool(jnp.any(a != b)) == bool(rounds)

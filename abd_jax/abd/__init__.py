@@ -7,6 +7,7 @@ Self-Retrospection (spec 4): `abd_jax.abd.self_retrospection` (its implicit hype
 
 from abd_jax.abd.self_retrospection import (
     SelfRetrospectionState,
+    refine_on_student,
     retrospect,
     self_retrospection,
     set_sr_coef,
@@ -17,6 +18,8 @@ from abd_jax.abd.self_retrospection import (
     sr_running_stats,
     sr_start_step,
     synthesize_trigger,
+    targeted_trigger,
+    trigger_target_class,
 )
 
 from abd_jax.abd.shuffle_vaccine import (
@@ -46,6 +49,7 @@ from abd_jax.abd.shuffle_vaccine import (
 
 __all__ = [
     "SelfRetrospectionState",
+    "refine_on_student",
     "retrospect",
     "self_retrospection",
     "set_sr_coef",
@@ -56,6 +60,8 @@ __all__ = [
     "sr_running_stats",
     "sr_start_step",
     "synthesize_trigger",
+    "targeted_trigger",
+    "trigger_target_class",
     "ShuffleVaccine",
     "ensemble_logits",
     "teacher_and_ensemble",

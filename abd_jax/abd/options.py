@@ -35,6 +35,10 @@ class ABDOptions:
       starts from each batch's own key instead of the same fixed key on every batch.
       `sr_max_norm` > 0 keeps the trigger search in the L2 ball of that radius (projected after
       every step; 0, the spec: unbounded).
+      `sr_refine_rounds` > 0 (with the teacher's trigger) refines the teacher's trigger for that
+      many Adam rounds on the current student in eval mode, targeted at the class the teacher's
+      trigger sends the batch to, so that SR unlearns what the student still answers to
+      (`self_retrospection.refine_on_student`; 0, the spec: the teacher's trigger as it is).
       `sr_bn_replay` (with the
       teacher's trigger) replays the BN running-stat updates of the reference's 4 train-mode SR
       forwards before each KD forward (`self_retrospection.sr_running_stats`), as the reference;
@@ -61,6 +65,7 @@ class ABDOptions:
     sr_bn_replay: bool = True
     sr_fresh_starts: bool = False
     sr_max_norm: float = 0.0
+    sr_refine_rounds: int = 0
 
     def __post_init__(self) -> None:
         # Checked when the config is made: the trigger search only runs in the SR phase, at the
@@ -69,6 +74,10 @@ class ABDOptions:
             raise ValueError(f"sr_restarts = {self.sr_restarts} with sr_init_scale = {self.sr_init_scale}: "
                              "restarts must be >= 1, and more than 1 needs random starts; set sr_init_scale "
                              "> 0 (e.g. 1e-3) or sr_restarts = 1")
+        if self.sr_refine_rounds < 0 or (self.sr_refine_rounds and self.sr_trigger_model != "teacher"):
+            raise ValueError(f"sr_refine_rounds = {self.sr_refine_rounds} with sr_trigger_model = "
+                             f"{self.sr_trigger_model!r}: the refinement starts from the teacher's trigger; "
+                             "use sr_trigger_model = 'teacher', or sr_refine_rounds = 0")
         if self.sr_max_norm < 0:
             raise ValueError(f"sr_max_norm = {self.sr_max_norm}: the trigger's L2 bound must be >= 0 "
                              "(0 = unbounded, the spec)")

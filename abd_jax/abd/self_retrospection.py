@@ -194,6 +194,71 @@ def synthesize_trigger(
     return jax.lax.stop_gradient(jnp.stack(deltas)[jnp.argmin(scores)])
 
 
+def trigger_target_class(logits_fn: LogitsFn, x: jax.Array, delta: jax.Array) -> jax.Array:
+    """The class a universal perturbation sends the batch to: argmax of M(x + delta)'s batch-mean
+    softmax (an int32 scalar). For a teacher-made trigger that fires the backdoor, the backdoor's
+    target class, found from the synthetic batch alone (no labels, no test data)."""
+    probs = jax.nn.softmax(_logits(logits_fn(jax.lax.stop_gradient(x + delta))), axis=-1)
+    return jnp.argmax(jnp.mean(probs, axis=0)).astype(jnp.int32)
+
+
+def targeted_trigger(
+    logits_fn: LogitsFn,
+    x: jax.Array,
+    delta: jax.Array,
+    target: jax.Array,
+    *,
+    rounds: int,
+    lr: float = 0.1,
+    l2: float = 1e-3,
+) -> jax.Array:
+    """`delta` moved by `rounds` optax.adam(lr) steps on mean_i CE(M(x_i + delta), target) +
+    l2 * ||delta||^2: the universal perturbation, from the given start, that makes M put the batch
+    in `target` (an int scalar; traced is fine). Gradient-stopped. rounds = 0 returns `delta`."""
+    x = jax.lax.stop_gradient(x)
+    opt = optax.adam(lr)
+
+    def objective(d):
+        log_p = jax.nn.log_softmax(_logits(logits_fn(x + d)), axis=-1)
+        return -jnp.mean(jnp.take(log_p, target, axis=-1)) + l2 * jnp.sum(jnp.square(d))
+
+    def body(_, carry):
+        d, opt_state = carry
+        updates, opt_state = opt.update(jax.grad(objective)(d), opt_state, d)
+        return optax.apply_updates(d, updates), opt_state
+
+    delta = jax.lax.stop_gradient(delta)
+    with loop_friendly_convs():  # as in `synthesize_trigger`: convolution gradients in a loop
+        delta, _ = jax.lax.fori_loop(0, rounds, body, (delta, opt.init(delta)))
+    return jax.lax.stop_gradient(delta)
+
+
+def refine_on_student(options: Any, student: nn.Module, student_vars: PyTree | None, teacher_logits: LogitsFn,
+                      x: jax.Array, delta: jax.Array, *, l2: float) -> jax.Array:
+    """The trigger SR unlearns, with `options.sr_refine_rounds` > 0 (an `abd.options.ABDOptions`):
+    the teacher's `delta` refined on the current student (`targeted_trigger`, eval mode, frozen
+    variables) towards the class the teacher's trigger sends the batch to. With 0 rounds (the
+    spec), `delta` itself.
+
+    Why: the teacher's trigger fires the backdoor, but once SR has made the student ignore it the
+    student can still answer to other perturbations towards the same class, which the teacher's
+    search never returns (docs/ABD_SR.md "Refining the trigger on the student"). The refinement
+    starts from the teacher's trigger and asks the student, not the teacher, what still sends the
+    batch to the backdoor's class, so SR unlearns what the student still does. Eval mode, because
+    in train mode the batch statistics absorb much of a perturbation shared by every sample
+    (docs/ABD_SR.md "Why seed 0's ASR stops falling")."""
+    if not options.sr_refine_rounds:
+        return delta
+    if student_vars is None:
+        raise ValueError("sr_refine_rounds > 0 refines the trigger on the student, but the method passed no "
+                         "student variables to student_sr_prepare; pass them (4th argument) or set "
+                         "sr_refine_rounds = 0")
+    target = trigger_target_class(teacher_logits, x, delta)
+    frozen = jax.lax.stop_gradient(student_vars)
+    return targeted_trigger(lambda z: student.apply(frozen, z, train=False), x, delta, target,
+                            rounds=options.sr_refine_rounds, lr=options.sr_pert_lr, l2=l2)
+
+
 def project_l2(delta: jax.Array, max_norm: float) -> jax.Array:
     """delta scaled onto the L2 ball of radius `max_norm` when it lies outside (0: unchanged)."""
     if not max_norm:
@@ -435,7 +500,7 @@ def batchmean_sr_hooks(teacher: nn.Module, student: nn.Module, options: Any, tem
     the CMI / OOD-KD code base runs it (spec 4.1, 12.4): every KL at the method's KD `temperature`,
     reduced as batchmean x T^2; the trigger synthesized without an L2 term; the clean side of the
     outer loss not detached. `options`: an `abd.options.ABDOptions` (sr_rounds, sr_pert_lr, sr_l2,
-    sr_portion, sr_fp_iterations, sr_trigger_model, sr_bn_replay, sr_max_norm). With the teacher as trigger
+    sr_portion, sr_fp_iterations, sr_trigger_model, sr_bn_replay, sr_max_norm, sr_refine_rounds). With the teacher as trigger
     model (the reference's choice) `student_sr_prepare` synthesizes the trigger from the images
     alone, and with `sr_bn_replay` `student_sr_stats` replays the running-stat updates of the
     reference's 4 SR forwards (`sr_running_stats`; the reference's `UnlearnOptimizer.step` runs
@@ -446,11 +511,15 @@ def batchmean_sr_hooks(teacher: nn.Module, student: nn.Module, options: Any, tem
     kl = dict(temperature=temperature, reduction="batchmean", kl_scale=temperature * temperature)
     o = options
 
-    def prepare(teacher_vars: PyTree, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        return synthesize_trigger(lambda z: teacher.apply(teacher_vars, z, train=False)[0], x,
-                                  rounds=o.sr_rounds, lr=o.sr_pert_lr, l2=0.0, init_scale=o.sr_init_scale,
-                                  init_key=trigger_start_key(o, key), restarts=o.sr_restarts,
-                                  max_norm=o.sr_max_norm, **kl)
+    def prepare(teacher_vars: PyTree, x: jax.Array, key: jax.Array | None = None,
+                student_vars: PyTree | None = None) -> jax.Array:
+        def teacher_logits(z):
+            return teacher.apply(teacher_vars, z, train=False)[0]
+
+        delta = synthesize_trigger(teacher_logits, x, rounds=o.sr_rounds, lr=o.sr_pert_lr, l2=0.0,
+                                   init_scale=o.sr_init_scale, init_key=trigger_start_key(o, key),
+                                   restarts=o.sr_restarts, max_norm=o.sr_max_norm, **kl)
+        return refine_on_student(o, student, student_vars, teacher_logits, x, delta, l2=0.0)
 
     def student_sr(student_vars: PyTree, teacher_vars: PyTree, x: jax.Array, key: jax.Array, delta=None):
         if delta is None:  # the student synthesizes its own trigger (the poster's story)

@@ -184,7 +184,8 @@ def make_kd_steps(teacher, student, student_tx: optax.GradientTransformation, *,
         x = pool_sample(k_draw, synth.pool, synth.pool_count, batch_size)
         x = normalize(random_crop_flip(k_aug, x, pad=crop_pad, flip=flip), mean, std)
         t_logits, _ = teacher.apply(tv, x, train=False)
-        prepared = hooks.student_sr_prepare(tv, x, k_sr) if hooks.student_sr_prepare is not None else None
+        prepared = (hooks.student_sr_prepare(tv, x, k_sr, s_state.variables)
+                    if hooks.student_sr_prepare is not None else None)
         kd_state = sr_stats_state(hooks, s_state, x, k_sr, prepared)  # SR's forwards come first, as in the reference
 
         def loss_fn(params):

@@ -35,10 +35,12 @@ SampleWeights = Callable[..., jax.Array]
 # teacher by default, spec 4.1, and a hook must not close over arrays that jit would embed as
 # constants). `prepared` is what `student_sr_prepare` returned for this x, or None without one.
 StudentExtraGrads = Callable[[Any, Any, jax.Array, jax.Array, Any], Any]
-# (teacher_variables, x, key) -> anything the SR gradient needs that depends on the images only
-# (the teacher-synthesized trigger): computed once per image batch, not once per student step.
-# `key` is the batch's own (for random trigger-search starts, `ABDOptions.sr_fresh_starts`).
-StudentSRPrepare = Callable[[Any, jax.Array, jax.Array], Any]
+# (teacher_variables, x, key, student_variables) -> anything the SR gradient needs that depends on
+# the images (the teacher-synthesized trigger) and the student as it stands when the batch arrives
+# (`ABDOptions.sr_refine_rounds` refines the trigger on it): computed once per image batch, not once
+# per student step. `key` is the batch's own (for random trigger-search starts,
+# `ABDOptions.sr_fresh_starts`).
+StudentSRPrepare = Callable[[Any, jax.Array, jax.Array, Any], Any]
 # (student_variables, x, key, prepared) -> the student's BN `batch_stats` after the reference's SR
 # forwards (reference-faithful running statistics, spec 4.1): the method's KD forward starts from them.
 StudentSRStats = Callable[[Any, jax.Array, jax.Array, Any], Any]
@@ -58,8 +60,9 @@ class DFKDHooks(NamedTuple):
       `sr_grad_fn`), which an `abd.self_retrospection` transform adds to the KD gradient and any
       other transform ignores.
     student_sr_prepare: the part of `student_sr` that depends only on the images (and the frozen
-      teacher): ZSKT takes 10 student steps on one image batch, so it runs this once per
-      pseudo-batch and hands the result to every `student_sr` call of that batch.
+      teacher, and the student as the batch arrives): ZSKT takes 10 student steps on one image
+      batch, so it runs this once per pseudo-batch and hands the result to every `student_sr`
+      call of that batch.
     student_sr_stats: the BN running statistics that the reference's SR forwards leave behind
       (`abd.sr_running_stats`); a method that calls it runs its KD forward from them, so the running
       averages move as in the reference. Absent: only the KD forwards move them.

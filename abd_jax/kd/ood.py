@@ -207,7 +207,8 @@ def make_ood_step(
         t_logits = jax.lax.stop_gradient(teacher.apply(teacher_vars, x, train=False)[0])
         hs = with_hook_state(state.hook_state)
         weights = hooks.sample_weights(t_logits, x, *hs) if hooks.sample_weights is not None else None
-        prepared = hooks.student_sr_prepare(teacher_vars, x, k_sr) if hooks.student_sr_prepare else None
+        prepared = (hooks.student_sr_prepare(teacher_vars, x, k_sr, state.student.variables)
+                    if hooks.student_sr_prepare else None)
         kd_state = sr_stats_state(hooks, state.student, x, k_sr, prepared)  # SR's forwards come first, as in the reference
 
         def loss_fn(params):

@@ -213,7 +213,8 @@ def make_pseudo_batch(
             state, metrics = generator_step(state, teacher_vars, z, k_pen)
         x, t_logits, t_feats = images_and_targets(state, teacher_vars, z)
         # What SR needs from the images alone (its teacher trigger), once for the 10 student steps.
-        prepared = hooks.student_sr_prepare(teacher_vars, x, k_sr) if hooks.student_sr_prepare else None
+        prepared = (hooks.student_sr_prepare(teacher_vars, x, k_sr, state.student.variables)
+                    if hooks.student_sr_prepare else None)
         return state, z, (x, t_logits, t_feats, prepared), k_sr, metrics
 
     def pseudo_batch(state: ZSKTState, teacher_vars: PyTree) -> tuple[ZSKTState, Metrics]:

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from abd_jax.abd.options import ABDOptions
 from abd_jax.abd.self_retrospection import (
+    refine_on_student,
     retrospect,
     sr_grads,
     sr_resume_optimizer,
@@ -199,7 +200,9 @@ def sr_hook(teacher, student, cfg: ZSKTConfig):
     synthesizing it on every step, 10x fewer trigger rounds). With the student as trigger model
     the trigger changes with every student update and is synthesized inside `student_sr`.
     `student_sr_stats` (with `cfg.sr_bn_replay` and the teacher's trigger; else None) replays the
-    BN running-stat updates of the reference's SR forwards before the KD forward.
+    BN running-stat updates of the reference's SR forwards before the KD forward. With
+    `cfg.sr_refine_rounds` > 0 `student_sr_prepare` also refines the teacher's trigger on the
+    student as it stands at the pseudo-batch's start (`refine_on_student`).
     """
     if cfg.sr_trigger_model not in ("teacher", "student"):
         raise ValueError(f"sr_trigger_model must be 'teacher' or 'student', got {cfg.sr_trigger_model!r}")
@@ -207,14 +210,16 @@ def sr_hook(teacher, student, cfg: ZSKTConfig):
     kw = dict(portion=cfg.sr_portion, fp_iterations=cfg.sr_fp_iterations, l2=cfg.sr_l2,
               temperature=cfg.temperature)
 
-    def prepare(teacher_vars: PyTree, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    def prepare(teacher_vars: PyTree, x: jax.Array, key: jax.Array | None = None,
+                student_vars: PyTree | None = None) -> jax.Array:
         def teacher_logits(inputs):
             return teacher.apply(teacher_vars, inputs, train=False)[0]
 
-        return synthesize_trigger(teacher_logits, x, rounds=cfg.sr_rounds, lr=cfg.sr_pert_lr, l2=cfg.sr_l2,
-                                  temperature=cfg.temperature, init_scale=cfg.sr_init_scale,
-                                  init_key=trigger_start_key(cfg, key), restarts=cfg.sr_restarts,
-                                  max_norm=cfg.sr_max_norm)
+        delta = synthesize_trigger(teacher_logits, x, rounds=cfg.sr_rounds, lr=cfg.sr_pert_lr, l2=cfg.sr_l2,
+                                   temperature=cfg.temperature, init_scale=cfg.sr_init_scale,
+                                   init_key=trigger_start_key(cfg, key), restarts=cfg.sr_restarts,
+                                   max_norm=cfg.sr_max_norm)
+        return refine_on_student(cfg, student, student_vars, teacher_logits, x, delta, l2=cfg.sr_l2)
 
     def student_sr(student_vars: PyTree, teacher_vars: PyTree, x: jax.Array, key: jax.Array, delta=None):
         if delta is None:  # the student synthesizes its own trigger
