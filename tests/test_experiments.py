@@ -54,8 +54,9 @@ def test_sr_sweep_quickstart_base_is_the_abd_rows_sr_setting():
     from experiments.configs import quickstart as q
 
     base = quickstart_sr_fields()
-    assert (base["sr_coef"], base["sr_init_scale"], base["sr_restarts"], base["sr_resume_lr"], base["sr_rounds"]) == (
-        q.SR_COEF, q.SR_INIT_SCALE, q.SR_RESTARTS, q.SR_RESUME_LR, q.SR_ROUNDS)
+    assert (base["sr_coef"], base["sr_init_scale"], base["sr_restarts"], base["sr_resume_lr"], base["sr_rounds"],
+            base["sr_refine_rounds"]) == (
+        q.SR_COEF, q.SR_INIT_SCALE, q.SR_RESTARTS, q.SR_RESUME_LR, q.SR_ROUNDS, q.SR_REFINE_ROUNDS)
     assert base["sr_bn_replay"] and all(k.startswith("sr_") for k in base)
     assert "sr_pseudo_batches" not in base and "sr_memory" not in base  # both shape the prefix
     assert quickstart_sr_fields(smoke=True)["sr_restarts"] == 1  # the smoke run's single start
