@@ -127,7 +127,7 @@ def source_row(column: str, abd_parts: dict) -> str:
 LATER_FIELDS = {"ood": {"sv_push_cap": "none"}}
 LATER_FIELDS_EVERY_METHOD = {"sv_share_prefix": False, "sv_share_teacher": False, "generator_upsample": "separate",
                              "sr_init_scale": 0.0, "sr_restarts": 1, "sr_bn_replay": False,
-                             "sr_fresh_starts": False}
+                             "sr_fresh_starts": False, "sr_refine_rounds": 0}
 
 
 def _section_for_key(cfg, method: str, uses_sv: bool, uses_sr: bool = True) -> dict:
@@ -142,7 +142,7 @@ def _section_for_key(cfg, method: str, uses_sv: bool, uses_sr: bool = True) -> d
     if section.get("synthesizer") == "deepinversion":  # inverts images directly: no generator
         section.pop("generator_upsample", None)
     if not uses_sr:  # where SR's trigger search starts (and its BN replay) matters only where SR runs
-        for field in ("sr_init_scale", "sr_restarts", "sr_bn_replay", "sr_fresh_starts"):
+        for field in ("sr_init_scale", "sr_restarts", "sr_bn_replay", "sr_fresh_starts", "sr_refine_rounds"):
             section.pop(field, None)
     return section
 

@@ -122,6 +122,18 @@ def test_fields_that_change_float_order_key_only_the_rows_they_change():
     changed = {c for c in columns if tables.row_key(cfg, c, t.abd_parts) != tables.row_key(no_replay, c, t.abd_parts)}
     assert changed == {"zskt+sr", "zskt+abd"}
     assert all(tables.row_key(no_replay, c, t.abd_parts) == tables.row_key(before_field, c, t.abd_parts) for c in columns)
+    # sr_refine_rounds (2026-12-06): the quickstart's 20 keys only the ZSKT rows that run SR; at 0 a
+    # row keeps the key it had before the field existed
+    unrefined, before_refine = cfg.copy_and_resolve_references(), cfg.copy_and_resolve_references()
+    assert cfg.sections.zskt.sr_refine_rounds == 20
+    unrefined.sections.zskt.sr_refine_rounds = 0
+    for method in before_refine.sections:
+        if "sr_refine_rounds" in before_refine.sections[method]:
+            del before_refine.sections[method]["sr_refine_rounds"]
+    changed = {c for c in columns if tables.row_key(cfg, c, t.abd_parts) != tables.row_key(unrefined, c, t.abd_parts)}
+    assert changed == {"zskt+sr", "zskt+abd"}
+    assert all(tables.row_key(unrefined, c, t.abd_parts) == tables.row_key(before_refine, c, t.abd_parts)
+               for c in columns)
 
 
 def test_set_changes_a_field_with_its_type_and_names_the_fix():
