@@ -212,7 +212,8 @@ def make_pseudo_batch(
         for _ in range(n_generator_steps):
             state, metrics = generator_step(state, teacher_vars, z, k_pen)
         x, t_logits, t_feats = images_and_targets(state, teacher_vars, z)
-        # What SR needs from the images alone (its teacher trigger), once for the 10 student steps.
+        # What SR needs from the images (its teacher trigger, refined on the student as it stands
+        # with `sr_refine_rounds`), once for the 10 student steps.
         prepared = (hooks.student_sr_prepare(teacher_vars, x, k_sr, state.student.variables)
                     if hooks.student_sr_prepare else None)
         return state, z, (x, t_logits, t_feats, prepared), k_sr, metrics
