@@ -141,8 +141,8 @@ def _section_for_key(cfg, method: str, uses_sv: bool, uses_sr: bool = True) -> d
         section.pop("sv_share_teacher", None)
     if section.get("synthesizer") == "deepinversion":  # inverts images directly: no generator
         section.pop("generator_upsample", None)
-    if not uses_sr:  # where SR's trigger search starts (and its BN replay) matters only where SR runs
-        for field in ("sr_init_scale", "sr_restarts", "sr_bn_replay", "sr_fresh_starts", "sr_refine_rounds"):
+    if not uses_sr:  # the SR fields among them (trigger start, BN replay, refinement) matter only where SR runs
+        for field in [f for f in LATER_FIELDS_EVERY_METHOD if f.startswith("sr_")]:
             section.pop(field, None)
     return section
 

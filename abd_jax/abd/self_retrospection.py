@@ -97,6 +97,26 @@ def train_mode_apply(model: nn.Module) -> StudentApply:
     return apply
 
 
+def adam_rounds(objective: Callable[[jax.Array], jax.Array], delta: jax.Array, rounds: int, lr: float,
+                project: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """`delta` after `rounds` optax.adam(lr) steps on `objective` (a lax.fori_loop), each step
+    followed by `project` when given: the trigger searches' descent (`synthesize_trigger`,
+    `targeted_trigger`)."""
+    opt = optax.adam(lr)
+
+    def body(_, carry):
+        d, opt_state = carry
+        updates, opt_state = opt.update(jax.grad(objective)(d), opt_state, d)
+        d = optax.apply_updates(d, updates)
+        return (project(d) if project is not None else d), opt_state
+
+    # The rounds are a loop; convolution gradients in loops need the loop-friendly VJP on
+    # XLA:CPU (abd_jax/models/conv_op.py: ~10x on this machine), a no-op elsewhere in value.
+    with loop_friendly_convs():
+        delta, _ = jax.lax.fori_loop(0, rounds, body, (delta, opt.init(delta)))
+    return delta
+
+
 def synthesize_trigger(
     logits_fn: LogitsFn,
     x: jax.Array,
@@ -152,7 +172,6 @@ def synthesize_trigger(
     """
     x = jax.lax.stop_gradient(x)
     clean = jax.lax.stop_gradient(_logits(logits_fn(x)))  # same every round: compute once
-    opt = optax.adam(lr)
 
     def objective(delta):
         kl = kl_divergence(
@@ -163,11 +182,6 @@ def synthesize_trigger(
             kl_scale=kl_scale,
         )
         return -kl + l2 * jnp.sum(jnp.square(delta))
-
-    def body(_, carry):
-        delta, opt_state = carry
-        updates, opt_state = opt.update(jax.grad(objective)(delta), opt_state, delta)
-        return project_l2(optax.apply_updates(delta, updates), max_norm), opt_state
 
     if max_norm < 0:
         raise ValueError(f"max_norm must be >= 0 (0: no bound), got {max_norm}")
@@ -180,11 +194,7 @@ def synthesize_trigger(
 
     def search(k: jax.Array) -> jax.Array:
         delta = init_scale * jax.random.normal(k, shape, x.dtype) if init_scale else jnp.zeros(shape, x.dtype)
-        # The rounds are a loop; convolution gradients in loops need the loop-friendly VJP on
-        # XLA:CPU (abd_jax/models/conv_op.py: ~10x on this machine), a no-op elsewhere in value.
-        with loop_friendly_convs():
-            delta, _ = jax.lax.fori_loop(0, rounds, body, (delta, opt.init(delta)))
-        return delta
+        return adam_rounds(objective, delta, rounds, lr, project=lambda d: project_l2(d, max_norm))
 
     # A Python loop over the (few, static) starts: each is its own small search, as a single call.
     deltas = [search(k) for k in keys]
@@ -216,21 +226,12 @@ def targeted_trigger(
     l2 * ||delta||^2: the universal perturbation, from the given start, that makes M put the batch
     in `target` (an int scalar; traced is fine). Gradient-stopped. rounds = 0 returns `delta`."""
     x = jax.lax.stop_gradient(x)
-    opt = optax.adam(lr)
 
     def objective(d):
         log_p = jax.nn.log_softmax(_logits(logits_fn(x + d)), axis=-1)
         return -jnp.mean(jnp.take(log_p, target, axis=-1)) + l2 * jnp.sum(jnp.square(d))
 
-    def body(_, carry):
-        d, opt_state = carry
-        updates, opt_state = opt.update(jax.grad(objective)(d), opt_state, d)
-        return optax.apply_updates(d, updates), opt_state
-
-    delta = jax.lax.stop_gradient(delta)
-    with loop_friendly_convs():  # as in `synthesize_trigger`: convolution gradients in a loop
-        delta, _ = jax.lax.fori_loop(0, rounds, body, (delta, opt.init(delta)))
-    return jax.lax.stop_gradient(delta)
+    return jax.lax.stop_gradient(adam_rounds(objective, jax.lax.stop_gradient(delta), rounds, lr))
 
 
 def refine_on_student(options: Any, student: nn.Module, student_vars: PyTree | None, teacher_logits: LogitsFn,
